@@ -1,0 +1,24 @@
+"""fastkd: fused knowledge-distillation losses for PyTorch.
+
+``hidden_mse``, ``attention_kl`` and ``logit_kl`` (and their ``nn.Module`` forms) compute the losses
+of ``DESIGN``'s formulas on one of several backends (``available_backends``, ``set_backend``, or the
+``FASTKD_BACKEND`` environment variable).
+"""
+
+from fastkd._backend import available_backends, get_backend, set_backend
+from fastkd.attention import attention_kl
+from fastkd.hidden import hidden_mse
+from fastkd.logit import logit_kl
+from fastkd.modules import AttentionKLLoss, HiddenMSELoss, LogitKLLoss
+
+__all__ = [
+    "AttentionKLLoss",
+    "HiddenMSELoss",
+    "LogitKLLoss",
+    "attention_kl",
+    "available_backends",
+    "get_backend",
+    "hidden_mse",
+    "logit_kl",
+    "set_backend",
+]

@@ -1,0 +1,101 @@
+"""Input checks shared by every loss: each raises a ValueError or TypeError naming the argument,
+what it got and what it expected, before any kernel runs. Nothing here reads device values."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+REDUCTIONS = ("mean", "sum", "none")
+
+
+def check_reduction(reduction: object) -> str:
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction: got {reduction!r}, expected one of {', '.join(map(repr, REDUCTIONS))}")
+    return reduction
+
+
+def check_choice(name: str, value: object, choices: Sequence[str]) -> str:
+    if value not in choices:
+        raise ValueError(f"{name}: got {value!r}, expected one of {', '.join(map(repr, choices))}")
+    return value
+
+
+def check_float_tensor(name: str, x: object) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"{name}: expected a floating-point tensor (float32, bfloat16, float16, float64), got {x.dtype}")
+    return x
+
+
+def check_temperature(temperature: object) -> float:
+    if isinstance(temperature, torch.Tensor) or not isinstance(temperature, (int, float)) or isinstance(temperature, bool):
+        raise TypeError(f"temperature: expected a Python float, got {type(temperature).__name__}")
+    if not math.isfinite(temperature) or temperature <= 0:
+        raise ValueError(f"temperature: expected a finite number > 0, got {temperature!r}")
+    return float(temperature)
+
+
+def check_pair(
+    student: object,
+    teacher: object,
+    *,
+    names: tuple[str, str] = ("student", "teacher"),
+    what: str = "last dimension",
+    exact_dim: int | None = None,
+) -> None:
+    """Student and teacher: floating tensors of one shape on one device, of rank ``exact_dim`` (if
+    given) or at least 1, with a non-empty last dimension (``what`` names it in messages)."""
+    s_name, t_name = names
+    check_float_tensor(s_name, student)
+    check_float_tensor(t_name, teacher)
+    for name, x in ((s_name, student), (t_name, teacher)):
+        if exact_dim is not None and x.dim() != exact_dim:
+            raise ValueError(f"{name}: expected a {exact_dim}-D tensor, got shape {tuple(x.shape)}")
+        if x.dim() < 1 or x.shape[-1] == 0:
+            raise ValueError(f"{name}: expected at least one dimension and a non-empty {what}, got shape {tuple(x.shape)}")
+    if teacher.shape[-1] != student.shape[-1]:
+        raise ValueError(
+            f"{t_name}: {what} {teacher.shape[-1]} does not match {s_name}'s {student.shape[-1]} "
+            f"(shapes {tuple(teacher.shape)} and {tuple(student.shape)})"
+        )
+    if teacher.shape != student.shape:
+        raise ValueError(f"{t_name}: shape {tuple(teacher.shape)} does not match {s_name}'s shape {tuple(student.shape)}")
+    if teacher.device != student.device:
+        raise ValueError(f"{t_name}: on {teacher.device}, but {s_name} is on {student.device}")
+
+
+def as_pair_lists(student: object, teacher: object) -> tuple[list[torch.Tensor], list[torch.Tensor], bool]:
+    """Both tensors, or both sequences of equal, non-zero length: (students, teachers, is_sequence)."""
+    student_seq = isinstance(student, (list, tuple))
+    teacher_seq = isinstance(teacher, (list, tuple))
+    if student_seq != teacher_seq:
+        raise TypeError(
+            f"student, teacher: expected two tensors or two sequences of tensors, got "
+            f"{type(student).__name__} and {type(teacher).__name__}"
+        )
+    if not student_seq:
+        return [student], [teacher], False
+    if len(student) != len(teacher):
+        raise ValueError(f"teacher: got {len(teacher)} layers, but student has {len(student)}")
+    if len(student) == 0:
+        raise ValueError("student: expected at least one layer pair, got an empty sequence")
+    return list(student), list(teacher), True
+
+
+def check_mask(mask: object, shape: torch.Size, device: torch.device, what: str) -> torch.Tensor | None:
+    """The mask as a contiguous float32 tensor of 0/1 (nonzero means valid), or None."""
+    if mask is None:
+        return None
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"mask: expected a torch.Tensor or None, got {type(mask).__name__}")
+    if mask.is_complex():
+        raise TypeError(f"mask: expected a bool, integer or float tensor, got {mask.dtype}")
+    if mask.shape != shape:
+        raise ValueError(f"mask: expected shape {tuple(shape)} ({what}), got {tuple(mask.shape)}")
+    if mask.device != device:
+        raise ValueError(f"mask: on {mask.device}, but the inputs are on {device}")
+    return (mask != 0).to(torch.float32).contiguous()

@@ -1,0 +1,37 @@
+"""Backends: modules that compute the per-row values of the three losses and their gradients.
+
+Every backend module (``torch_ref``, ``triton``, ``native``) defines the same six functions. The
+public API (``fastkd.hidden``, ``fastkd.attention``, ``fastkd.logit``) validates the inputs, brings
+them into the layouts below and calls these through ``torch.library`` custom ops; backends never
+validate, never reduce over rows and never synchronise with the host.
+
+Layouts (``R = R0 * R1`` rows; the last dimension always has stride 1):
+
+- ``hidden``/``logit`` inputs are 3-D row views ``[R0, R1, C]`` of the user's tensors (any strides
+  for the two leading dims); a backend may index them with ``stride(0)``/``stride(1)``.
+- ``attention`` inputs are contiguous ``[B, H, Lq, Lk]`` tensors.
+- ``mask`` is ``None`` (every row valid) or a contiguous float32 tensor of 0/1: ``[R]`` for
+  ``hidden`` and ``logit``, ``[B, Lq]`` for ``attention`` (and, for ``kind="scores"``, the key mask
+  ``mask[b, k]``, ``Lq == Lk``).
+- Per-row values (``rows``) are float32 (float64 when an input is float64), masked rows exactly 0:
+    hidden:    sum_d (s - t)^2 / D
+    attention: kl = sum_k p_k (log p_k - log q_k)   (see ``fastkd.attention`` for p, q)
+    logit:     T^2 * sum_v p_v (log p_v - log q_v), p = softmax(t / T), q = softmax(s / T)
+- ``stats`` is a ``[2, R]`` tensor, of the dtype of ``rows``, a forward pass leaves for its backward: the
+  log-sum-exps of the student's and the teacher's (scaled) scores per row; 0 for rows without a
+  valid entry. ``attention`` with ``kind="probs"`` returns a ``[2, 0]`` tensor.
+- Backward functions take ``grad_rows`` (same shape as ``rows``: d loss / d rows) and return the
+  gradient of each student input, contiguous, of the student's shape and dtype, 0 on masked rows.
+  For sequences of pairs, ``rows`` and ``grad_rows`` are the pairs' rows concatenated in order.
+
+Functions::
+
+    hidden_forward(students, teachers, mask) -> rows
+    hidden_backward(students, teachers, mask, grad_rows) -> list of grads
+    attention_forward(students, teachers, mask, kind) -> (rows, stats)
+    attention_backward(students, teachers, mask, kind, stats, grad_rows) -> list of grads
+    logit_forward(student, teacher, mask, temperature) -> (rows, stats)
+    logit_backward(student, teacher, mask, temperature, stats, grad_rows) -> grad
+
+``students``/``teachers`` are lists of tensors (layer pairs), ``temperature`` a Python float.
+"""

@@ -1,0 +1,200 @@
+"""The ``"torch"`` backend: the three losses in plain PyTorch, the reference the kernels must match.
+
+Readable first: each function is the formula of ``fastkd.backends`` written out. Bounded in memory
+second: rows are processed in blocks of about ``BLOCK_ELEMENTS`` elements, so a ``[8192, 128256]``
+input never needs an input-sized float32 temporary, only the gradient the backward pass returns.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fastkd._layout import acc_dtype
+
+BLOCK_ELEMENTS = 1 << 22
+TINY = torch.finfo(torch.float32).tiny  # 1.1754944e-38: the floor of q in log q for kind="probs"
+
+
+def _row_blocks(x: torch.Tensor):
+    """(flat row offset, [rows, C] block) over a ``[R0, R1, C]`` view, about BLOCK_ELEMENTS each."""
+    r0, r1, cols = x.shape
+    step = max(1, BLOCK_ELEMENTS // max(cols, 1))
+    for i in range(r0):
+        for j in range(0, r1, step):
+            yield i * r1 + j, slice(j, min(j + step, r1)), i
+
+
+def _block_mask(mask: torch.Tensor | None, start: int, rows: int, like: torch.Tensor) -> torch.Tensor:
+    if mask is None:
+        return torch.ones(rows, dtype=torch.bool, device=like.device)
+    return mask[start : start + rows] != 0
+
+
+# ---------------------------------------------------------------------------------------- hidden
+
+
+def hidden_forward(students, teachers, mask):
+    """rows = sum_d (s - t)^2 / D per row of each pair, concatenated; masked rows 0."""
+    out = []
+    for s, t in zip(students, teachers):
+        rows = torch.zeros(s.shape[0] * s.shape[1], dtype=acc_dtype(s, t), device=s.device)
+        for start, cols, i in _row_blocks(s):
+            diff = s[i, cols].to(rows.dtype) - t[i, cols].to(rows.dtype)
+            value = diff.square().sum(-1) / s.shape[-1]
+            valid = _block_mask(mask, start, value.shape[0], s)
+            rows[start : start + value.shape[0]] = torch.where(valid, value, 0)
+        out.append(rows)
+    return torch.cat(out)
+
+
+def hidden_backward(students, teachers, mask, grad_rows):
+    """d rows / d s = 2 (s - t) / D, times grad_rows; 0 on masked rows."""
+    grads, offset = [], 0
+    for s, t in zip(students, teachers):
+        grad = torch.empty(s.shape, dtype=s.dtype, device=s.device)
+        for start, cols, i in _row_blocks(s):
+            acc = acc_dtype(s, t)
+            diff = s[i, cols].to(acc) - t[i, cols].to(acc)
+            n = diff.shape[0]
+            valid = _block_mask(mask, start, n, s)
+            scale = grad_rows[offset + start : offset + start + n].to(acc) * (2.0 / s.shape[-1])
+            grad[i, cols] = torch.where(valid[:, None], diff * scale[:, None], 0).to(s.dtype)
+        grads.append(grad)
+        offset += s.shape[0] * s.shape[1]
+    return grads
+
+
+# ------------------------------------------------------------------------------------- attention
+
+
+def _attention_blocks(s: torch.Tensor):
+    """(b, head slice) blocks of a ``[B, H, Lq, Lk]`` tensor, about BLOCK_ELEMENTS each."""
+    batch, heads, lq, lk = s.shape
+    step = max(1, BLOCK_ELEMENTS // max(lq * lk, 1))
+    for b in range(batch):
+        for h in range(0, heads, step):
+            yield b, slice(h, min(h + step, heads))
+
+
+def _kept_keys(s, t, mask, b, heads):
+    """kind="scores": keys kept in both softmaxes, ``[h, Lq, Lk]`` bool."""
+    keep = (s[b, heads] > torch.finfo(s.dtype).min) & (t[b, heads] > torch.finfo(t.dtype).min)
+    if mask is not None:
+        keep = keep & (mask[b] != 0)[None, None, :]
+    return keep
+
+
+def _log_softmax_kept(x: torch.Tensor, keep: torch.Tensor):
+    """(log softmax over kept keys, lse); rows without a kept key get lse 0."""
+    lse = torch.logsumexp(torch.where(keep, x, -torch.inf), dim=-1)
+    lse = torch.where(keep.any(-1), lse, 0)
+    return x - lse[..., None], lse
+
+
+def _attention_terms(s, t, mask, kind, b, heads, acc):
+    """(p, log p - log q, keep, lse_s, lse_t) of one block."""
+    sb, tb = s[b, heads].to(acc), t[b, heads].to(acc)
+    if kind == "probs":
+        keep = tb > 0
+        log_ratio = torch.log(torch.where(keep, tb, 1)) - torch.log(sb.clamp_min(TINY))
+        return tb, log_ratio, keep, None, None
+    keep = _kept_keys(s, t, mask, b, heads)
+    log_q, lse_s = _log_softmax_kept(sb, keep)
+    log_p, lse_t = _log_softmax_kept(tb, keep)
+    p = torch.where(keep, log_p.exp(), 0)
+    return p, log_p - log_q, keep, lse_s, lse_t
+
+
+def _row_valid(mask, b, heads, lq, device):
+    """Query-row validity of one block, ``[h, Lq, 1]``."""
+    if mask is None:
+        return torch.ones(1, lq, 1, dtype=torch.bool, device=device)
+    return (mask[b] != 0)[None, :, None].expand(1, lq, 1)
+
+
+def attention_forward(students, teachers, mask, kind):
+    """rows = sum_k p_k (log p_k - log q_k) per query row, pairs concatenated; see fastkd.attention."""
+    out_rows, out_stats = [], []
+    for s, t in zip(students, teachers):
+        batch, heads, lq, _ = s.shape
+        acc = acc_dtype(s, t)
+        rows = torch.zeros(batch, heads, lq, dtype=acc, device=s.device)
+        stats = torch.zeros(2, batch, heads, lq, dtype=acc, device=s.device)
+        for b, hs in _attention_blocks(s):
+            p, log_ratio, keep, lse_s, lse_t = _attention_terms(s, t, mask, kind, b, hs, acc)
+            valid = _row_valid(mask, b, hs, lq, s.device)
+            kl = torch.where(keep, p * log_ratio, 0).sum(-1)
+            rows[b, hs] = torch.where(valid[..., 0], kl, 0)
+            if kind == "scores":
+                stats[0, b, hs], stats[1, b, hs] = lse_s, lse_t
+        out_rows.append(rows.reshape(-1))
+        out_stats.append(stats.reshape(2, -1))
+    stats = torch.cat(out_stats, dim=1)
+    return torch.cat(out_rows), stats if kind == "scores" else stats[:, :0]
+
+
+def attention_backward(students, teachers, mask, kind, stats, grad_rows):
+    """probs: d kl / d q = -p / q (p > 0, q >= TINY); scores: d kl / d s = q - p on kept keys."""
+    grads, offset = [], 0
+    for s, t in zip(students, teachers):
+        batch, heads, lq, _ = s.shape
+        acc = acc_dtype(s, t)
+        scale_all = grad_rows[offset : offset + batch * heads * lq].view(batch, heads, lq).to(acc)
+        grad = torch.empty(s.shape, dtype=s.dtype, device=s.device)
+        for b, hs in _attention_blocks(s):
+            valid = _row_valid(mask, b, hs, lq, s.device)
+            sb, tb = s[b, hs].to(acc), t[b, hs].to(acc)
+            if kind == "probs":
+                dkl = torch.where((tb > 0) & (sb >= TINY), -tb / sb, 0)
+            else:
+                keep = _kept_keys(s, t, mask, b, hs)
+                q = torch.where(keep, (sb - _lse(stats[0], offset, b, hs, batch, heads, lq)).exp(), 0)
+                p = torch.where(keep, (tb - _lse(stats[1], offset, b, hs, batch, heads, lq)).exp(), 0)
+                dkl = q - p
+            grad[b, hs] = torch.where(valid, dkl * scale_all[b, hs][..., None], 0).to(s.dtype)
+        grads.append(grad)
+        offset += batch * heads * lq
+    return grads
+
+
+def _lse(stat_row, offset, b, hs, batch, heads, lq):
+    return stat_row[offset : offset + batch * heads * lq].view(batch, heads, lq)[b, hs][..., None]
+
+
+# ----------------------------------------------------------------------------------------- logit
+
+
+def logit_forward(student, teacher, mask, temperature):
+    """rows = T^2 sum_v p_v (log p_v - log q_v), p = softmax(t / T), q = softmax(s / T); stats = lses."""
+    count = student.shape[0] * student.shape[1]
+    acc = acc_dtype(student, teacher)
+    rows = torch.zeros(count, dtype=acc, device=student.device)
+    stats = torch.zeros(2, count, dtype=acc, device=student.device)
+    for start, cols, i in _row_blocks(student):
+        s = student[i, cols].to(acc) / temperature
+        t = teacher[i, cols].to(acc) / temperature
+        lse_s, lse_t = torch.logsumexp(s, -1), torch.logsumexp(t, -1)
+        log_p = t - lse_t[:, None]
+        p = log_p.exp()
+        kl = torch.where(p > 0, p * (log_p - s + lse_s[:, None]), 0).sum(-1)
+        end = start + kl.shape[0]
+        valid = _block_mask(mask, start, kl.shape[0], student)
+        rows[start:end] = torch.where(valid, temperature**2 * kl, 0)
+        stats[0, start:end], stats[1, start:end] = lse_s, lse_t
+    return rows, stats
+
+
+def logit_backward(student, teacher, mask, temperature, stats, grad_rows):
+    """d rows / d s = T (q - p), times grad_rows; 0 on masked rows."""
+    acc = acc_dtype(student, teacher)
+    grad = torch.empty(student.shape, dtype=student.dtype, device=student.device)
+    for start, cols, i in _row_blocks(student):
+        s = student[i, cols].to(acc) / temperature
+        t = teacher[i, cols].to(acc) / temperature
+        end = start + s.shape[0]
+        q = (s - stats[0, start:end, None]).exp()
+        p = (t - stats[1, start:end, None]).exp()
+        valid = _block_mask(mask, start, s.shape[0], student)
+        scale = grad_rows[start:end].to(acc) * temperature
+        grad[i, cols] = torch.where(valid[:, None], (q - p) * scale[:, None], 0).to(student.dtype)
+    return grad
