@@ -2,36 +2,38 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
 def reduce_rows(
     rows: torch.Tensor,
     row_shapes: list[tuple[int, ...]],
-    valid_rows: list[torch.Tensor | int],
+    mask_rows: torch.Tensor | None,
     reduction: str,
     is_sequence: bool,
+    rows_per_mask_row: list[int] | None = None,
 ):
-    """Split the concatenated per-row values ``rows`` into pairs and reduce each.
+    """Reduce the concatenated per-row values ``rows`` of one or more pairs.
 
-    ``"none"``: each pair's rows in ``row_shapes[i]``; ``"sum"``: sum of rows; ``"mean"``: sum over
-    ``max(valid_rows[i], 1)``. Over a sequence of pairs, sums add and means average; ``"none"`` gives a
-    list.
+    ``"none"``: each pair's rows in ``row_shapes[i]`` (a list over a sequence of pairs); ``"sum"``:
+    the sum of all rows; ``"mean"``: the mean over pairs of ``sum_p / max(valid_p, 1)``, where
+    ``valid_p`` is the pair's row count without a mask, else ``rows_per_mask_row[p]`` (1 by default;
+    the heads for attention) times the mask's valid rows ``mask_rows.sum()``.
     """
-    sizes = [_numel(shape) for shape in row_shapes]
-    per_pair = rows.split(sizes)
+    sizes = [math.prod(shape) for shape in row_shapes]
     if reduction == "none":
-        out = [r.view(shape) for r, shape in zip(per_pair, row_shapes)]
+        out = [r.view(shape) for r, shape in zip(rows.split(sizes), row_shapes)]
         return out if is_sequence else out[0]
-    sums = [r.sum() for r in per_pair]
     if reduction == "sum":
-        return torch.stack(sums).sum() if is_sequence else sums[0]
-    means = [s / (n.clamp_min(1) if isinstance(n, torch.Tensor) else max(n, 1)) for s, n in zip(sums, valid_rows)]
-    return torch.stack(means).mean() if is_sequence else means[0]
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for size in shape:
-        n *= size
-    return n
+        return rows.sum()
+    if mask_rows is None:
+        divisors = [max(size, 1) for size in sizes]
+    else:
+        divisors = rows_per_mask_row or [1] * len(sizes)
+    if len(set(divisors)) == 1:  # one divisor for every pair: one reduction
+        mean = rows.sum() / (len(sizes) * divisors[0])
+    else:
+        mean = sum(r.sum() / d for r, d in zip(rows.split(sizes), divisors)) / len(sizes)
+    return mean if mask_rows is None else mean / mask_rows.sum().clamp_min(1)

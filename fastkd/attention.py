@@ -31,7 +31,7 @@ def attention_kl_rows(
 def _(students, teachers, mask, kind, backend):
     rows = sum(s.shape[0] * s.shape[1] * s.shape[2] for s in students)
     dtype = acc_dtype(*students, *teachers)
-    stats = students[0].new_empty(2, rows if kind == "scores" else 0, dtype=dtype)
+    stats = students[0].new_empty(2, rows if kind == "scores" else 0, dtype=torch.float64)
     return students[0].new_empty(rows, dtype=dtype), stats
 
 
@@ -116,5 +116,4 @@ def attention_kl(student, teacher, *, mask: torch.Tensor | None = None, kind: st
     rows, _ = attention_kl_rows(students, [t.detach() for t in teachers], mask_rows, kind, backend)
     row_shapes = [tuple(s.shape[:3]) for s in students]
     heads = [s.shape[1] for s in students]
-    valid = [h * mask_rows.sum() if mask_rows is not None else b * h * lq for (b, h, lq), h in zip(row_shapes, heads)]
-    return reduce_rows(rows, row_shapes, valid, reduction, is_sequence)
+    return reduce_rows(rows, row_shapes, mask_rows, reduction, is_sequence, rows_per_mask_row=heads)

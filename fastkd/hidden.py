@@ -101,5 +101,4 @@ def hidden_mse(student, teacher, *, mask: torch.Tensor | None = None, reduction:
         mask_rows = mask_rows.view(-1)
     backend = _backend.resolve(device)
     rows = hidden_mse_rows(students, [t.detach() for t in teachers], mask_rows, backend)
-    valid = [mask_rows.sum() if mask_rows is not None else math.prod(shape) for shape in leading]
-    return reduce_rows(rows, leading, valid, reduction, is_sequence)
+    return reduce_rows(rows, leading, mask_rows, reduction, is_sequence)

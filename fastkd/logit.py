@@ -29,7 +29,7 @@ def logit_kl_rows(
 def _(student, teacher, mask, temperature, backend):
     rows = math.prod(student.shape[:-1])
     dtype = acc_dtype(student, teacher)
-    return student.new_empty(rows, dtype=dtype), student.new_empty(2, rows, dtype=dtype)
+    return student.new_empty(rows, dtype=dtype), student.new_empty(2, rows, dtype=torch.float64)
 
 
 @torch.library.custom_op("fastkd::logit_kl_rows_backward", mutates_args=())
@@ -101,5 +101,4 @@ def logit_kl(
         mask_rows = mask_rows.view(-1)
     backend = _backend.resolve(student_logits.device)
     rows, _ = logit_kl_rows(student_logits, teacher_logits.detach(), mask_rows, temperature, backend)
-    valid = mask_rows.sum() if mask_rows is not None else rows.numel()
-    return reduce_rows(rows, [tuple(leading)], [valid], reduction, is_sequence=False)
+    return reduce_rows(rows, [tuple(leading)], mask_rows, reduction, is_sequence=False)

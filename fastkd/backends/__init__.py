@@ -17,9 +17,12 @@ Layouts (``R = R0 * R1`` rows; the last dimension always has stride 1):
     hidden:    sum_d (s - t)^2 / D
     attention: kl = sum_k p_k (log p_k - log q_k)   (see ``fastkd.attention`` for p, q)
     logit:     T^2 * sum_v p_v (log p_v - log q_v), p = softmax(t / T), q = softmax(s / T)
-- ``stats`` is a ``[2, R]`` tensor, of the dtype of ``rows``, a forward pass leaves for its backward: the
-  log-sum-exps of the student's and the teacher's (scaled) scores per row; 0 for rows without a
-  valid entry. ``attention`` with ``kind="probs"`` returns a ``[2, 0]`` tensor.
+- ``stats`` is a float64 ``[2, R]`` tensor a forward pass leaves for its backward: the log-sum-exps
+  of the student's and the teacher's (scaled) scores per row; 0 for rows without a valid entry.
+  float64, so that ``exp(x - lse)`` keeps float32 precision where ``|x|`` is large (logits of 1e4 at
+  T = 0.05): a float32 lse would be off by half an ulp of ``|x|``, which moves every probability.
+  Backward passes compute ``x - lse`` as ``(x - hi) - lo`` with ``hi = float32(lse)``,
+  ``lo = float32(lse - hi)``. ``attention`` with ``kind="probs"`` returns a ``[2, 0]`` tensor.
 - Backward functions take ``grad_rows`` (same shape as ``rows``: d loss / d rows) and return the
   gradient of each student input, contiguous, of the student's shape and dtype, 0 on masked rows.
   For sequences of pairs, ``rows`` and ``grad_rows`` are the pairs' rows concatenated in order.

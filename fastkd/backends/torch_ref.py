@@ -84,11 +84,28 @@ def _kept_keys(s, t, mask, b, heads):
     return keep
 
 
-def _log_softmax_kept(x: torch.Tensor, keep: torch.Tensor):
-    """(log softmax over kept keys, lse); rows without a kept key get lse 0."""
-    lse = torch.logsumexp(torch.where(keep, x, -torch.inf), dim=-1)
-    lse = torch.where(keep.any(-1), lse, 0)
-    return x - lse[..., None], lse
+def _log_softmax(x: torch.Tensor, keep: torch.Tensor | None = None):
+    """(log softmax over the last dim, float64 lse); only ``keep`` entries count when given.
+
+    Computed as ``(x - max) - log(sum exp(x - max))``, exact near the maximum even where ``|x|`` is
+    large; rows without a kept entry get lse 0.
+    """
+    if keep is not None:
+        x = torch.where(keep, x, -torch.inf)
+    peak = x.amax(-1, keepdim=True)
+    peak = torch.where(torch.isfinite(peak), peak, 0)
+    log_z = torch.log(torch.exp(x - peak).sum(-1, keepdim=True))
+    lse = peak.squeeze(-1).double() + log_z.squeeze(-1).double()
+    if keep is not None:
+        lse = torch.where(keep.any(-1), lse, 0)
+    return (x - peak) - log_z, lse
+
+
+def _exp_minus_lse(x: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
+    """exp(x - lse) in x's dtype, with the float64 lse split into hi + lo (see fastkd.backends)."""
+    hi = lse.to(x.dtype)
+    lo = (lse - hi.double()).to(x.dtype)
+    return torch.exp((x - hi[..., None]) - lo[..., None])
 
 
 def _attention_terms(s, t, mask, kind, b, heads, acc):
@@ -99,8 +116,8 @@ def _attention_terms(s, t, mask, kind, b, heads, acc):
         log_ratio = torch.log(torch.where(keep, tb, 1)) - torch.log(sb.clamp_min(TINY))
         return tb, log_ratio, keep, None, None
     keep = _kept_keys(s, t, mask, b, heads)
-    log_q, lse_s = _log_softmax_kept(sb, keep)
-    log_p, lse_t = _log_softmax_kept(tb, keep)
+    log_q, lse_s = _log_softmax(sb, keep)
+    log_p, lse_t = _log_softmax(tb, keep)
     p = torch.where(keep, log_p.exp(), 0)
     return p, log_p - log_q, keep, lse_s, lse_t
 
@@ -119,7 +136,7 @@ def attention_forward(students, teachers, mask, kind):
         batch, heads, lq, _ = s.shape
         acc = acc_dtype(s, t)
         rows = torch.zeros(batch, heads, lq, dtype=acc, device=s.device)
-        stats = torch.zeros(2, batch, heads, lq, dtype=acc, device=s.device)
+        stats = torch.zeros(2, batch, heads, lq, dtype=torch.float64, device=s.device)
         for b, hs in _attention_blocks(s):
             p, log_ratio, keep, lse_s, lse_t = _attention_terms(s, t, mask, kind, b, hs, acc)
             valid = _row_valid(mask, b, hs, lq, s.device)
@@ -148,8 +165,8 @@ def attention_backward(students, teachers, mask, kind, stats, grad_rows):
                 dkl = torch.where((tb > 0) & (sb >= TINY), -tb / sb, 0)
             else:
                 keep = _kept_keys(s, t, mask, b, hs)
-                q = torch.where(keep, (sb - _lse(stats[0], offset, b, hs, batch, heads, lq)).exp(), 0)
-                p = torch.where(keep, (tb - _lse(stats[1], offset, b, hs, batch, heads, lq)).exp(), 0)
+                q = torch.where(keep, _exp_minus_lse(sb, _lse(stats[0], offset, b, hs, batch, heads, lq)), 0)
+                p = torch.where(keep, _exp_minus_lse(tb, _lse(stats[1], offset, b, hs, batch, heads, lq)), 0)
                 dkl = q - p
             grad[b, hs] = torch.where(valid, dkl * scale_all[b, hs][..., None], 0).to(s.dtype)
         grads.append(grad)
@@ -158,7 +175,7 @@ def attention_backward(students, teachers, mask, kind, stats, grad_rows):
 
 
 def _lse(stat_row, offset, b, hs, batch, heads, lq):
-    return stat_row[offset : offset + batch * heads * lq].view(batch, heads, lq)[b, hs][..., None]
+    return stat_row[offset : offset + batch * heads * lq].view(batch, heads, lq)[b, hs]
 
 
 # ----------------------------------------------------------------------------------------- logit
@@ -169,14 +186,14 @@ def logit_forward(student, teacher, mask, temperature):
     count = student.shape[0] * student.shape[1]
     acc = acc_dtype(student, teacher)
     rows = torch.zeros(count, dtype=acc, device=student.device)
-    stats = torch.zeros(2, count, dtype=acc, device=student.device)
+    stats = torch.zeros(2, count, dtype=torch.float64, device=student.device)
     for start, cols, i in _row_blocks(student):
         s = student[i, cols].to(acc) / temperature
         t = teacher[i, cols].to(acc) / temperature
-        lse_s, lse_t = torch.logsumexp(s, -1), torch.logsumexp(t, -1)
-        log_p = t - lse_t[:, None]
+        log_q, lse_s = _log_softmax(s)
+        log_p, lse_t = _log_softmax(t)
         p = log_p.exp()
-        kl = torch.where(p > 0, p * (log_p - s + lse_s[:, None]), 0).sum(-1)
+        kl = torch.where(p > 0, p * (log_p - log_q), 0).sum(-1)
         end = start + kl.shape[0]
         valid = _block_mask(mask, start, kl.shape[0], student)
         rows[start:end] = torch.where(valid, temperature**2 * kl, 0)
@@ -192,8 +209,8 @@ def logit_backward(student, teacher, mask, temperature, stats, grad_rows):
         s = student[i, cols].to(acc) / temperature
         t = teacher[i, cols].to(acc) / temperature
         end = start + s.shape[0]
-        q = (s - stats[0, start:end, None]).exp()
-        p = (t - stats[1, start:end, None]).exp()
+        q = _exp_minus_lse(s, stats[0, start:end])
+        p = _exp_minus_lse(t, stats[1, start:end])
         valid = _block_mask(mask, start, s.shape[0], student)
         scale = grad_rows[start:end].to(acc) * temperature
         grad[i, cols] = torch.where(valid[:, None], (q - p) * scale[:, None], 0).to(student.dtype)

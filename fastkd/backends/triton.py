@@ -41,12 +41,23 @@ def _online_lse(m, z, b_x):
 
 @triton.jit
 def _kl_from_online(m_s, z_s, m_t, z_t, a):
-    """kl = sum p (t - s) + lse_s - lse_t, from the running sums; 0 where the teacher row is empty."""
-    lse_s = m_s + tl.log(z_s)
-    lse_t = m_t + tl.log(z_t)
+    """kl = sum p (t - s) + lse_s - lse_t from the running sums, and the float64 lses; 0 where the
+    teacher row is empty. The maxima and the log-sums are subtracted apart, so no large lse rounds."""
+    log_z_s = tl.log(z_s)
+    log_z_t = tl.log(z_t)
     has_keys = z_t > 0
-    kl = tl.where(has_keys, a / z_t + lse_s - lse_t, 0.0)
+    kl = tl.where(has_keys, a / z_t + (m_s - m_t) + (log_z_s - log_z_t), 0.0)
+    lse_s = m_s.to(tl.float64) + log_z_s.to(tl.float64)
+    lse_t = m_t.to(tl.float64) + log_z_t.to(tl.float64)
     return kl, tl.where(has_keys, lse_s, 0.0), tl.where(has_keys, lse_t, 0.0)
+
+
+@triton.jit
+def _load_lse(p_lse, ACC: tl.constexpr):
+    """A float64 lse as (hi, lo) in ACC, hi + lo = lse: exp((x - hi) - lo) keeps x's precision."""
+    lse = tl.load(p_lse)
+    hi = lse.to(ACC)
+    return hi, (lse - hi.to(tl.float64)).to(ACC)
 
 
 # ----------------------------------------------------------------------------------------- logit
@@ -92,8 +103,8 @@ def _logit_backward_kernel(
     p_t += i0 * t_stride0 + i1 * t_stride1
     p_grad += i_row * V
     valid = tl.load(p_mask + i_row) != 0 if HAS_MASK else True
-    lse_s = tl.load(p_stats + i_row).to(ACC)
-    lse_t = tl.load(p_stats + n_rows + i_row).to(ACC)
+    lse_s_hi, lse_s_lo = _load_lse(p_stats + i_row, ACC)
+    lse_t_hi, lse_t_lo = _load_lse(p_stats + n_rows + i_row, ACC)
     scale = tl.load(p_grad_rows + i_row).to(ACC) * temperature
     n_load = tl.where(valid, V, 0)  # a masked row reads nothing and writes 0
     for start in range(0, V, BLOCK):
@@ -102,7 +113,7 @@ def _logit_backward_kernel(
         m_load = o_v < n_load
         b_s = tl.load(p_s + o_v, mask=m_load, other=0.0).to(ACC) * inv_temperature  # [BLOCK]
         b_t = tl.load(p_t + o_v, mask=m_load, other=0.0).to(ACC) * inv_temperature  # [BLOCK]
-        b_g = scale * (tl.exp(b_s - lse_s) - tl.exp(b_t - lse_t))
+        b_g = scale * (tl.exp((b_s - lse_s_hi) - lse_s_lo) - tl.exp((b_t - lse_t_hi) - lse_t_lo))
         tl.store(p_grad + o_v, tl.where(valid, b_g, 0.0).to(p_grad.dtype.element_ty), mask=m_v)
 
 
@@ -112,7 +123,7 @@ def logit_forward(student, teacher, mask, temperature):
     n_rows = r0 * r1
     acc = acc_dtype(student, teacher)
     rows = torch.empty(n_rows, dtype=acc, device=student.device)
-    stats = torch.empty(2, n_rows, dtype=acc, device=student.device)
+    stats = torch.empty(2, n_rows, dtype=torch.float64, device=student.device)
     if n_rows:
         block = _block(vocab)
         _logit_forward_kernel[(n_rows,)](
@@ -188,38 +199,50 @@ def _row_starts(row_counts: list[int]) -> list[int]:
 @triton.jit
 def _hidden_kernel(
     p_table, p_mask, p_rows, p_grad_rows, BACKWARD: tl.constexpr, HAS_MASK: tl.constexpr,
-    S_DTYPE: tl.constexpr, T_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
+    S_DTYPE: tl.constexpr, T_DTYPE: tl.constexpr, ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """Forward: rows[i] = sum_d (s - t)^2 / D. Backward: grad = grad_rows[i] * 2 (s - t) / D."""
-    i_row = tl.program_id(0).to(tl.int64)
+    """Forward: rows[i] = sum_d (s - t)^2 / D. Backward: grad = grad_rows[i] * 2 (s - t) / D.
+
+    One program handles BLOCK_R rows of one pair (program id 1).
+    """
     p_entry = p_table + tl.program_id(1) * 11
     n_rows = tl.load(p_entry + 3)
-    if i_row < n_rows:
-        R1 = tl.load(p_entry + 5)
-        D = tl.load(p_entry + 6)
-        i0, i1 = i_row // R1, i_row % R1
-        p_s = tl.load(p_entry + 0).to(tl.pointer_type(S_DTYPE)) + i0 * tl.load(p_entry + 7) + i1 * tl.load(p_entry + 8)
-        p_t = tl.load(p_entry + 1).to(tl.pointer_type(T_DTYPE)) + i0 * tl.load(p_entry + 9) + i1 * tl.load(p_entry + 10)
-        valid = tl.load(p_mask + i_row) != 0 if HAS_MASK else True
+    start_row = tl.load(p_entry + 4)
+    R1 = tl.load(p_entry + 5)
+    D = tl.load(p_entry + 6)
+    o_r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)  # [BLOCK_R]
+    m_r = o_r < n_rows
+    o_s = (o_r // R1) * tl.load(p_entry + 7) + (o_r % R1) * tl.load(p_entry + 8)  # [BLOCK_R]
+    o_t = (o_r // R1) * tl.load(p_entry + 9) + (o_r % R1) * tl.load(p_entry + 10)  # [BLOCK_R]
+    p_s = tl.load(p_entry + 0).to(tl.pointer_type(S_DTYPE))
+    p_t = tl.load(p_entry + 1).to(tl.pointer_type(T_DTYPE))
+    valid = m_r
+    if HAS_MASK:
+        valid = valid & (tl.load(p_mask + o_r, mask=m_r, other=0.0) != 0)
+    if BACKWARD:
+        p_g = tl.load(p_entry + 2).to(tl.pointer_type(S_DTYPE))
+        b_scale = tl.load(p_grad_rows + start_row + o_r, mask=valid, other=0.0).to(ACC) * 2.0 / D  # [BLOCK_R]
+    else:
+        acc = tl.zeros([BLOCK_R, BLOCK_D], ACC)
+    for start in range(0, D, BLOCK_D):
+        o_d = start + tl.arange(0, BLOCK_D)
+        m_load = valid[:, None] & (o_d < D)[None, :]  # masked rows read nothing
+        b_s = tl.load(p_s + o_s[:, None] + o_d[None, :], mask=m_load, other=0.0).to(ACC)  # [BLOCK_R, BLOCK_D]
+        b_t = tl.load(p_t + o_t[:, None] + o_d[None, :], mask=m_load, other=0.0).to(ACC)  # [BLOCK_R, BLOCK_D]
         if BACKWARD:
-            p_g = tl.load(p_entry + 2).to(tl.pointer_type(G_DTYPE)) + i_row * D
-            scale = 2.0 * tl.load(p_grad_rows + tl.load(p_entry + 4) + i_row).to(ACC) / D
-            n_load = tl.where(valid, D, 0)  # a masked row reads nothing and writes 0
-            for start in range(0, D, BLOCK):
-                o_d = start + tl.arange(0, BLOCK)
-                m_d = o_d < D
-                b_s = tl.load(p_s + o_d, mask=o_d < n_load, other=0.0).to(ACC)  # [BLOCK]
-                b_t = tl.load(p_t + o_d, mask=o_d < n_load, other=0.0).to(ACC)  # [BLOCK]
-                tl.store(p_g + o_d, tl.where(valid, scale * (b_s - b_t), 0.0).to(G_DTYPE), mask=m_d)
+            b_g = b_scale[:, None] * (b_s - b_t)
+            m_store = m_r[:, None] & (o_d < D)[None, :]
+            tl.store(p_g + o_r[:, None] * D + o_d[None, :], b_g.to(S_DTYPE), mask=m_store)
         else:
-            acc = tl.zeros([BLOCK], ACC)
-            for start in range(0, tl.where(valid, D, 0), BLOCK):
-                o_d = start + tl.arange(0, BLOCK)
-                m_d = o_d < D
-                b_s = tl.load(p_s + o_d, mask=m_d, other=0.0).to(ACC)  # [BLOCK]
-                b_t = tl.load(p_t + o_d, mask=m_d, other=0.0).to(ACC)  # [BLOCK]
-                acc += (b_s - b_t) * (b_s - b_t)
-            tl.store(p_rows + tl.load(p_entry + 4) + i_row, tl.sum(acc, 0) / D)
+            acc += (b_s - b_t) * (b_s - b_t)
+    if not BACKWARD:
+        tl.store(p_rows + start_row + o_r, tl.sum(acc, 1) / D, mask=m_r)
+
+
+def _tile(rows_hint: int, cols: int) -> tuple[int, int]:
+    """(BLOCK_R, BLOCK_C): a tile of about 8192 elements, at most MAX_BLOCK columns wide."""
+    block_c = _block(cols)
+    return max(1, min(64, 8192 // block_c, triton.next_power_of_2(rows_hint))), block_c
 
 
 def _hidden_launch(students, teachers, mask, rows, grad_rows, grads):
@@ -236,11 +259,11 @@ def _hidden_launch(students, teachers, mask, rows, grad_rows, grads):
         max_rows = max(counts[i] for i in pairs)
         if max_rows == 0:
             continue
-        block = _block(max(students[i].shape[2] for i in pairs))
-        _hidden_kernel[(max_rows, len(pairs))](
+        block_r, block_d = _tile(max_rows, max(students[i].shape[2] for i in pairs))
+        _hidden_kernel[(triton.cdiv(max_rows, block_r), len(pairs))](
             _pair_table(entries, device), mask, rows, grad_rows, BACKWARD=bool(grads), HAS_MASK=mask is not None,
-            S_DTYPE=_TL_DTYPES[s_dtype], T_DTYPE=_TL_DTYPES[t_dtype], G_DTYPE=_TL_DTYPES[s_dtype],
-            ACC=_TL_DTYPES[acc_dtype(*students, *teachers)], BLOCK=block, num_warps=_warps(block),
+            S_DTYPE=_TL_DTYPES[s_dtype], T_DTYPE=_TL_DTYPES[t_dtype], ACC=_TL_DTYPES[acc_dtype(*students, *teachers)],
+            BLOCK_R=block_r, BLOCK_D=block_d, num_warps=8,
         )
 
 
@@ -267,24 +290,28 @@ def hidden_backward(students, teachers, mask, grad_rows):
 
 @triton.jit
 def _attention_row(p_entry, p_mask, S_DTYPE: tl.constexpr, T_DTYPE: tl.constexpr, HAS_MASK: tl.constexpr):
-    """Pointers and indices of this program's query row: (p_s, p_t, row, start, Lk, p_key_mask, valid)."""
+    """This program's query row: (p_s, p_t, row, first row of the pair, Lk, offset of its batch's mask
+    row, valid)."""
     i_row = tl.program_id(0).to(tl.int64)
     Lk = tl.load(p_entry + 5)
     rows_per_batch = tl.load(p_entry + 6)
     Lq = tl.load(p_entry + 7)
     p_s = tl.load(p_entry + 0).to(tl.pointer_type(S_DTYPE)) + i_row * Lk
     p_t = tl.load(p_entry + 1).to(tl.pointer_type(T_DTYPE)) + i_row * Lk
-    p_batch_mask = p_mask + (i_row // rows_per_batch) * Lq
-    valid = tl.load(p_batch_mask + i_row % Lq) != 0 if HAS_MASK else True
-    return p_s, p_t, i_row, tl.load(p_entry + 4), Lk, p_batch_mask, valid
+    o_batch_mask = (i_row // rows_per_batch) * Lq
+    if HAS_MASK:
+        valid = tl.load(p_mask + o_batch_mask + i_row % Lq) != 0
+    else:
+        valid = tl.full([], 1, tl.int1)
+    return p_s, p_t, i_row, tl.load(p_entry + 4), Lk, o_batch_mask, valid
 
 
 @triton.jit
-def _kept_keys(b_s, b_t, o_k, m_k, p_batch_mask, HAS_MASK: tl.constexpr, S_LOWEST: tl.constexpr, T_LOWEST: tl.constexpr):
+def _kept_keys(b_s, b_t, o_k, m_k, p_mask, o_batch_mask, HAS_MASK: tl.constexpr, S_LOWEST: tl.constexpr, T_LOWEST: tl.constexpr):
     """kind="scores": keys in range, unmasked, and neither score -inf nor its dtype's lowest value."""
     keep = m_k & (b_s > S_LOWEST) & (b_t > T_LOWEST)
     if HAS_MASK:
-        keep = keep & (tl.load(p_batch_mask + o_k, mask=m_k, other=0.0) != 0)
+        keep = keep & (tl.load(p_mask + o_batch_mask + o_k, mask=m_k, other=0.0) != 0)
     return keep
 
 
@@ -297,7 +324,7 @@ def _attention_forward_kernel(
     """rows = sum_k p_k (log p_k - log q_k); scores: also stats = (lse_s, lse_t) over kept keys."""
     p_entry = p_table + tl.program_id(1) * 8
     if tl.program_id(0) < tl.load(p_entry + 3):
-        p_s, p_t, i_row, start_row, Lk, p_batch_mask, valid = _attention_row(p_entry, p_mask, S_DTYPE, T_DTYPE, HAS_MASK)
+        p_s, p_t, i_row, start_row, Lk, o_batch_mask, valid = _attention_row(p_entry, p_mask, S_DTYPE, T_DTYPE, HAS_MASK)
         n_keys = tl.where(valid, Lk, 0)
         if SCORES:
             m_s = tl.full([], float("-inf"), ACC)
@@ -310,7 +337,7 @@ def _attention_forward_kernel(
                 m_k = o_k < Lk
                 b_s = tl.load(p_s + o_k, mask=m_k, other=0.0).to(ACC)  # [BLOCK]
                 b_t = tl.load(p_t + o_k, mask=m_k, other=0.0).to(ACC)  # [BLOCK]
-                keep = _kept_keys(b_s, b_t, o_k, m_k, p_batch_mask, HAS_MASK, S_LOWEST, T_LOWEST)
+                keep = _kept_keys(b_s, b_t, o_k, m_k, p_mask, o_batch_mask, HAS_MASK, S_LOWEST, T_LOWEST)
                 m_s, z_s, _, _ = _online_lse(m_s, z_s, tl.where(keep, b_s, float("-inf")))
                 m_t, z_t, b_e, alpha = _online_lse(m_t, z_t, tl.where(keep, b_t, float("-inf")))
                 a = a * alpha + tl.sum(tl.where(keep, b_e * (b_t - b_s), 0.0), 0)
@@ -340,12 +367,12 @@ def _attention_backward_kernel(
     """probs: grad = grad_rows * (-p / q) where p > 0 and q >= TINY; scores: grad_rows * (q - p)."""
     p_entry = p_table + tl.program_id(1) * 8
     if tl.program_id(0) < tl.load(p_entry + 3):
-        p_s, p_t, i_row, start_row, Lk, p_batch_mask, valid = _attention_row(p_entry, p_mask, S_DTYPE, T_DTYPE, HAS_MASK)
+        p_s, p_t, i_row, start_row, Lk, o_batch_mask, valid = _attention_row(p_entry, p_mask, S_DTYPE, T_DTYPE, HAS_MASK)
         p_g = tl.load(p_entry + 2).to(tl.pointer_type(S_DTYPE)) + i_row * Lk
         scale = tl.load(p_grad_rows + start_row + i_row).to(ACC)
         if SCORES:
-            lse_s = tl.load(p_stats + start_row + i_row).to(ACC)
-            lse_t = tl.load(p_stats + total_rows + start_row + i_row).to(ACC)
+            lse_s_hi, lse_s_lo = _load_lse(p_stats + start_row + i_row, ACC)
+            lse_t_hi, lse_t_lo = _load_lse(p_stats + total_rows + start_row + i_row, ACC)
         n_load = tl.where(valid, Lk, 0)  # a masked row reads nothing and writes 0
         for start in range(0, Lk, BLOCK):
             o_k = start + tl.arange(0, BLOCK)
@@ -354,8 +381,8 @@ def _attention_backward_kernel(
             b_s = tl.load(p_s + o_k, mask=m_load, other=0.0).to(ACC)  # [BLOCK]
             b_t = tl.load(p_t + o_k, mask=m_load, other=0.0).to(ACC)  # [BLOCK]
             if SCORES:
-                keep = _kept_keys(b_s, b_t, o_k, m_load, p_batch_mask, HAS_MASK, S_LOWEST, T_LOWEST)
-                b_dkl = tl.where(keep, tl.exp(b_s - lse_s) - tl.exp(b_t - lse_t), 0.0)
+                keep = _kept_keys(b_s, b_t, o_k, m_load, p_mask, o_batch_mask, HAS_MASK, S_LOWEST, T_LOWEST)
+                b_dkl = tl.where(keep, tl.exp((b_s - lse_s_hi) - lse_s_lo) - tl.exp((b_t - lse_t_hi) - lse_t_lo), 0.0)
             else:
                 keep = (b_t > 0) & (b_s >= TINY)
                 b_dkl = tl.where(keep, -b_t / tl.where(keep, b_s, 1.0), 0.0)
@@ -390,7 +417,7 @@ def attention_forward(students, teachers, mask, kind):
     count = sum(s.shape[0] * s.shape[1] * s.shape[2] for s in students)
     acc = acc_dtype(*students, *teachers)
     rows = torch.zeros(count, dtype=acc, device=students[0].device)
-    stats = torch.zeros(2, count if kind == "scores" else 0, dtype=acc, device=students[0].device)
+    stats = torch.zeros(2, count if kind == "scores" else 0, dtype=torch.float64, device=students[0].device)
     _attention_launch(_attention_forward_kernel, students, teachers, mask, kind, (rows, stats), None)
     return rows, stats
 
