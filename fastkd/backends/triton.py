@@ -21,14 +21,16 @@ from fastkd._layout import acc_dtype
 
 TINY = tl.constexpr(1.1754943508222875e-38)  # float32's smallest normal: the floor of q in log q for kind="probs"
 MAX_BLOCK_C = 4096
-TILE_ELEMENTS = 4096
+# Elements per program tile, by kernel: the best of 1024..16384 on an H100 at the benchmark sizes
+# (benchmarks/NOTES.md); rows longer than MAX_BLOCK_C get one row per program whatever the tile.
+TILE_ELEMENTS = {"logit": 4096, "hidden": 2048, "attention": 1024}
 _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float64: tl.float64}
 
 
-def _tile(rows: int, cols: int) -> dict:
-    """Launch options for rows of ``cols`` elements: a tile of about TILE_ELEMENTS elements."""
+def _tile(kernel: str, rows: int, cols: int) -> dict:
+    """Launch options for rows of ``cols`` elements: a tile of about TILE_ELEMENTS[kernel] elements."""
     block_c = min(triton.next_power_of_2(cols), MAX_BLOCK_C)
-    block_r = max(1, min(TILE_ELEMENTS // block_c, triton.next_power_of_2(rows)))
+    block_r = max(1, min(TILE_ELEMENTS[kernel] // block_c, triton.next_power_of_2(rows)))
     return {"BLOCK_R": block_r, "BLOCK_C": block_c, "num_warps": 8 if block_r * block_c >= 2048 else 4}
 
 
@@ -151,7 +153,7 @@ def logit_forward(student, teacher, mask, temperature):
     rows = torch.empty(n_rows, dtype=acc_dtype(student, teacher), device=student.device)
     stats = torch.empty(2, n_rows, dtype=torch.float64, device=student.device)
     if n_rows:
-        tile = _tile(n_rows, vocab)
+        tile = _tile("logit", n_rows, vocab)
         _logit_forward_kernel[(triton.cdiv(n_rows, tile["BLOCK_R"]),)](
             student, teacher, mask, rows, stats, n_rows, r1, vocab, *student.stride()[:2], *teacher.stride()[:2],
             1.0 / temperature, temperature**2, HAS_MASK=mask is not None, ACC=_tl(rows.dtype), **tile,
@@ -165,7 +167,7 @@ def logit_backward(student, teacher, mask, temperature, stats, grad_rows):
     n_rows = r0 * r1
     grad = torch.empty(student.shape, dtype=student.dtype, device=student.device)
     if n_rows:
-        tile = _tile(n_rows, vocab)
+        tile = _tile("logit", n_rows, vocab)
         _logit_backward_kernel[(triton.cdiv(n_rows, tile["BLOCK_R"]),)](
             student, teacher, mask, stats, grad_rows, grad, n_rows, r1, vocab, *student.stride()[:2],
             *teacher.stride()[:2], 1.0 / temperature, temperature, HAS_MASK=mask is not None,
@@ -269,7 +271,7 @@ def _hidden_launch(students, teachers, mask, rows, grad_rows, grads):
 
     counts = [s.shape[0] * s.shape[1] for s in students]
     for (s_dtype, t_dtype), entries, max_rows, max_cols in _pair_launches(students, teachers, counts, entry):
-        tile = _tile(max_rows, max_cols)
+        tile = _tile("hidden", max_rows, max_cols)
         _hidden_kernel[(triton.cdiv(max_rows, tile["BLOCK_R"]), len(entries))](
             _pair_table(entries, students[0].device), mask, rows, grad_rows, BACKWARD=grads is not None,
             HAS_MASK=mask is not None, S_DTYPE=_tl(s_dtype), T_DTYPE=_tl(t_dtype),
@@ -408,7 +410,7 @@ def _attention_launch(kernel, students, teachers, mask, kind, outputs, grads):
 
     counts = [s.shape[0] * s.shape[1] * s.shape[2] for s in students]
     for (s_dtype, t_dtype), entries, max_rows, max_cols in _pair_launches(students, teachers, counts, entry):
-        tile = _tile(max_rows, max_cols)
+        tile = _tile("attention", max_rows, max_cols)
         kernel[(triton.cdiv(max_rows, tile["BLOCK_R"]), len(entries))](
             _pair_table(entries, students[0].device), mask, *outputs, sum(counts), SCORES=kind == "scores",
             HAS_MASK=mask is not None, S_DTYPE=_tl(s_dtype), T_DTYPE=_tl(t_dtype),
