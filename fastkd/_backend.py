@@ -16,6 +16,7 @@ import torch
 BACKENDS = ("auto", "torch", "triton", "native")
 
 _selected: str | None = None
+_TRITON_INSTALLED = importlib.util.find_spec("triton") is not None  # once: torch.compile cannot trace find_spec
 
 
 def _check_name(name: object) -> str:
@@ -37,17 +38,11 @@ def get_backend() -> str:
     return _check_name(os.environ.get("FASTKD_BACKEND", "auto"))
 
 
-def _triton_installed() -> bool:
-    return importlib.util.find_spec("triton") is not None
-
-
 def triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def _native_available() -> bool:
-    if importlib.util.find_spec("fastkd.backends.native") is None:
-        return False
     from fastkd.backends import native
 
     return native.is_available()
@@ -56,7 +51,7 @@ def _native_available() -> bool:
 def available_backends() -> list[str]:
     """The concrete backends usable in this process (``"torch"`` always)."""
     names = ["torch"]
-    if _triton_installed() and (torch.cuda.is_available() or triton_interpreted()):
+    if _TRITON_INSTALLED and (torch.cuda.is_available() or triton_interpreted()):
         names.append("triton")
     if _native_available():
         names.append("native")
@@ -67,13 +62,13 @@ def resolve(device: torch.device) -> str:
     """The concrete backend that computes a loss on tensors of ``device``."""
     name = get_backend()
     if name == "auto":
-        if device.type == "cuda" and _triton_installed():
+        if device.type == "cuda" and _TRITON_INSTALLED:
             return "triton"
         if device.type == "cpu" and _native_available():
             return "native"
         return "torch"
     if name == "triton":
-        if not _triton_installed():
+        if not _TRITON_INSTALLED:
             raise ValueError("backend: 'triton' was selected but triton is not installed")
         if device.type != "cuda" and not triton_interpreted():
             raise ValueError(

@@ -52,13 +52,22 @@ def _online_lse(m, z, b_x):
 
 
 @triton.jit
+def _div(x, y):
+    """x / y rounded to nearest: Triton's float32 ``/`` is approximate (2 ulp on CUDA)."""
+    if x.dtype.is_fp64():
+        return x / y
+    else:
+        return tl.math.div_rn(x, y)
+
+
+@triton.jit
 def _kl_from_online(m_s, z_s, m_t, z_t, a):
     """kl = sum p (t - s) + lse_s - lse_t per row from the running sums, and the float64 lses; 0 where
     the teacher row is empty. Maxima and log-sums are subtracted apart, so no large lse rounds."""
     log_z_s = tl.log(z_s)
     log_z_t = tl.log(z_t)
     has_entries = z_t > 0
-    kl = tl.where(has_entries, a / z_t + (m_s - m_t) + (log_z_s - log_z_t), 0.0)
+    kl = tl.where(has_entries, _div(a, z_t) + (m_s - m_t) + (log_z_s - log_z_t), 0.0)
     lse_s = m_s.to(tl.float64) + log_z_s.to(tl.float64)
     lse_t = m_t.to(tl.float64) + log_z_t.to(tl.float64)
     return kl, tl.where(has_entries, lse_s, 0.0), tl.where(has_entries, lse_t, 0.0)
