@@ -1,22 +1,25 @@
 """fastkd: fused knowledge-distillation losses for PyTorch.
 
-``hidden_mse``, ``attention_kl`` and ``logit_kl`` (and their ``nn.Module`` forms) compute the losses
-of ``DESIGN``'s formulas on one of several backends (``available_backends``, ``set_backend``, or the
+``hidden_mse``, ``attention_kl``, ``logit_kl`` and ``fused_linear_kl`` (and their ``nn.Module``
+forms) compute the distillation losses on one of several backends (``available_backends``, ``set_backend``, or the
 ``FASTKD_BACKEND`` environment variable).
 """
 
 from fastkd._backend import available_backends, get_backend, set_backend
 from fastkd.attention import attention_kl
+from fastkd.fused_linear import FusedLinearKLLoss, fused_linear_kl
 from fastkd.hidden import hidden_mse
 from fastkd.logit import logit_kl
 from fastkd.modules import AttentionKLLoss, HiddenMSELoss, LogitKLLoss
 
 __all__ = [
     "AttentionKLLoss",
+    "FusedLinearKLLoss",
     "HiddenMSELoss",
     "LogitKLLoss",
     "attention_kl",
     "available_backends",
+    "fused_linear_kl",
     "get_backend",
     "hidden_mse",
     "logit_kl",
