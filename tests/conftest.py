@@ -1,0 +1,67 @@
+"""Test setup: Triton's interpreter where there is no GPU, one seed per test, and the ``device``
+fixture that runs a test once per (device, backend).
+
+On a machine without CUDA, ``TRITON_INTERPRET=1`` is set before anything imports Triton, so that the
+Triton kernels run on CPU tensors. With CUDA they are compiled for the GPU instead, and the CPU cases
+cover the other backends.
+"""
+
+from __future__ import annotations
+
+import os
+import zlib
+
+import pytest
+import torch
+
+CUDA = torch.cuda.is_available()
+if not CUDA:
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import fastkd  # noqa: E402  (after TRITON_INTERPRET)
+
+NEEDS_CUDA = pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+
+
+def device_backend_cases() -> list:
+    """``cpu-<name>`` for every backend usable on CPU tensors, ``cuda-torch`` and ``cuda-triton``
+    (skipped without CUDA)."""
+    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+    cases = [
+        pytest.param(("cpu", name), id=f"cpu-{name}")
+        for name in fastkd.available_backends()
+        if name != "triton" or interpreted
+    ]
+    cases += [
+        pytest.param(("cuda", name), id=f"cuda-{name}", marks=NEEDS_CUDA)
+        for name in ("torch", "triton")
+    ]
+    return cases
+
+
+@pytest.fixture(params=device_backend_cases())
+def device(request):
+    """The device of a test's inputs; the backend of the case is selected while the test runs."""
+    dev, name = request.param
+    fastkd.set_backend(name)
+    yield torch.device(dev)
+    fastkd.set_backend("auto")
+
+
+@pytest.fixture(autouse=True)
+def seed(request):
+    """Fresh random inputs for every test, reproducible from the test's id."""
+    torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
+
+
+@pytest.fixture
+def nan_empty(monkeypatch):
+    """``torch.empty``/``torch.empty_like`` return NaN-filled floating tensors, so that a result
+    that reads or returns memory nothing wrote shows up as NaN."""
+    empty, empty_like = torch.empty, torch.empty_like
+
+    def poisoned(x):
+        return x.fill_(float("nan")) if x.is_floating_point() else x
+
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: poisoned(empty(*a, **k)))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: poisoned(empty_like(*a, **k)))

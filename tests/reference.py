@@ -1,0 +1,214 @@
+"""Float64 formulas of the three losses, written from DESIGN.md, and the checks that use them.
+
+Each ``*_rows`` function returns the per-row value ``r`` of one loss in float64 and is
+differentiable in the student (the teacher is detached). ``reduce`` turns rows into the value of a
+``reduction``. Nothing here calls fastkd: these are the independent oracle.
+"""
+
+from __future__ import annotations
+
+import torch
+
+TINY = 1.1754944e-38  # smallest normal float32: the floor of q in log q for kind="probs"
+
+
+def hidden_rows(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """``sum_d (s - t)^2 / D`` per row, ``[..., D] -> [...]``."""
+    return (s.double() - t.detach().double()).pow(2).mean(-1)
+
+
+def logit_rows(s: torch.Tensor, t: torch.Tensor, temperature: float) -> torch.Tensor:
+    """``T^2 * sum_v p_v (log p_v - log q_v)``, ``p = softmax(t / T)``, ``q = softmax(s / T)``.
+
+    Terms with ``p_v = 0`` (teacher logit ``-inf``) contribute 0.
+    """
+    log_q = torch.log_softmax(s.double() / temperature, dim=-1)
+    log_p = torch.log_softmax(t.detach().double() / temperature, dim=-1)
+    p = log_p.exp()
+    diff = torch.where(p > 0, log_p - log_q, 0.0)
+    return temperature**2 * (p * diff).sum(-1)
+
+
+def attention_probs_rows(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """``sum_k p_k (log p_k - log max(q_k, TINY))`` with ``p = t``, ``q = s``; ``p_k = 0`` adds 0."""
+    q = s.double()
+    p = t.detach().double()
+    log_p = torch.log(torch.where(p > 0, p, 1.0))
+    log_q = torch.log(torch.clamp_min(q, TINY))
+    return (torch.where(p > 0, p * (log_p - log_q), 0.0)).sum(-1)
+
+
+def dropped_keys(s: torch.Tensor, t: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Keys excluded from both softmaxes for ``kind="scores"``, ``[B, H, Lq, Lk]`` bool.
+
+    A key is dropped where ``mask[b, k] == 0`` or where either score is ``-inf`` or the lowest
+    finite value of its own dtype.
+    """
+    drop = (
+        torch.isneginf(s)
+        | torch.isneginf(t)
+        | (s == torch.finfo(s.dtype).min)
+        | (t == torch.finfo(t.dtype).min)
+    )
+    if mask is not None:
+        drop = drop | (mask[:, None, None, :] == 0)
+    return drop
+
+
+def attention_scores_rows(
+    s: torch.Tensor, t: torch.Tensor, mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """KL of ``softmax(t)`` from ``softmax(s)`` over the keys that are not dropped; 0 for rows
+    where every key is dropped (and no gradient flows there)."""
+    drop = dropped_keys(s, t.detach(), mask)
+    alive = ~drop.all(-1, keepdim=True)
+    # Rows with no key get dummy zeros, so that neither value nor gradient is NaN there.
+    s64 = torch.where(alive, s.double().masked_fill(drop, float("-inf")), 0.0)
+    t64 = torch.where(alive, t.detach().double().masked_fill(drop, float("-inf")), 0.0)
+    log_q = torch.log_softmax(s64, dim=-1)
+    log_p = torch.log_softmax(t64, dim=-1)
+    diff = torch.where(drop, 0.0, log_p - log_q)
+    return torch.where(alive.squeeze(-1), (log_p.exp() * diff).sum(-1), 0.0)
+
+
+def attention_rows(s, t, kind: str, mask=None) -> torch.Tensor:
+    """Per-row KL of one attention pair, ``[B, H, Lq, Lk] -> [B, H, Lq]``."""
+    if kind == "probs":
+        return attention_probs_rows(s, t)
+    return attention_scores_rows(s, t, mask)
+
+
+def row_mask(mask: torch.Tensor | None, rows: torch.Tensor, attention: bool) -> torch.Tensor:
+    """The 0/1 weight of every row, float64 of ``rows``' shape (``[B, 1, Lq]`` broadcast for
+    attention)."""
+    if mask is None:
+        return torch.ones_like(rows)
+    m = (mask != 0).double().to(rows.device)
+    if attention:
+        m = m[:, None, :]
+    return m.expand_as(rows)
+
+
+def reduce(rows: torch.Tensor, mask, reduction: str, attention: bool = False) -> torch.Tensor:
+    """``none``: rows with masked rows 0; ``sum``: ``sum m r``; ``mean``: ``sum m r / max(sum m, 1)``."""
+    m = row_mask(mask, rows, attention)
+    kept = torch.where(m > 0, rows, 0.0)
+    if reduction == "none":
+        return kept
+    if reduction == "sum":
+        return kept.sum()
+    return kept.sum() / m.sum().clamp_min(1.0)
+
+
+def reference_loss(loss: str, students, teachers, *, mask=None, reduction="mean", **options):
+    """The float64 value of ``fastkd.<loss>`` for a pair or a sequence of pairs.
+
+    ``loss`` is ``"hidden_mse"``, ``"attention_kl"`` or ``"logit_kl"``; ``options`` holds
+    ``kind`` or ``temperature``.
+    """
+    single = torch.is_tensor(students)
+    if single:
+        students, teachers = [students], [teachers]
+    values = []
+    for s, t in zip(students, teachers):
+        if loss == "hidden_mse":
+            rows = hidden_rows(s, t)
+        elif loss == "logit_kl":
+            rows = logit_rows(s, t, options.get("temperature", 1.0))
+        else:
+            rows = attention_rows(s, t, options.get("kind", "probs"), mask)
+        values.append(reduce(rows, mask, reduction, attention=loss == "attention_kl"))
+    if single:
+        return values[0]
+    if reduction == "none":
+        return values
+    total = torch.stack(values).sum()
+    return total / len(values) if reduction == "mean" else total
+
+
+# --------------------------------------------------------------------------------------------
+# comparison
+
+
+def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    """Norm-wise relative error ``||got - want|| / ||want||`` (absolute when ``want`` is 0)."""
+    got, want = got.double().cpu(), want.double().cpu()
+    scale = want.norm().item()
+    err = (got - want).norm().item()
+    return err / scale if scale > 0 else err
+
+
+def assert_close(got: torch.Tensor, want: torch.Tensor, rtol: float, what: str,
+                 elementwise: bool = True, atol: float | None = None) -> None:
+    """``got`` is finite, of ``want``'s shape, within ``rtol`` norm-wise, and elementwise within
+    ``rtol * |want| + rtol * max|want|`` (reported with the worst element). Where ``want`` is all
+    zero, ``||got||`` must be at most ``atol`` (default ``rtol``): float32 log-domain arithmetic
+    leaves ~1e-7 of the magnitudes it works with in an exact 0."""
+    assert got.shape == want.shape, f"{what}: shape {tuple(got.shape)} != {tuple(want.shape)}"
+    g, w = got.double().cpu(), want.double().cpu()
+    assert torch.isfinite(g).all(), f"{what}: {(~torch.isfinite(g)).sum().item()} non-finite values"
+    if not w.any():
+        bound = rtol if atol is None else atol
+        assert g.norm() <= bound, f"{what}: norm {g.norm().item():.3g} > {bound:.3g} where 0 is expected"
+        return
+    err = rel_err(g, w)
+    assert err <= rtol, f"{what}: norm-wise relative error {err:.3g} > {rtol:.1g}"
+    if elementwise and w.numel() > 1:
+        bound = rtol * w.abs() + rtol * w.abs().max()
+        excess = (g - w).abs() - bound
+        worst = excess.argmax()
+        assert excess.max() <= 0, (
+            f"{what}: element {tuple(int(i) for i in torch.unravel_index(worst, w.shape))}: "
+            f"got {g.flatten()[worst].item():.9g}, want {w.flatten()[worst].item():.9g}"
+        )
+
+
+def loss_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    """float64 when any input is float64, else float32."""
+    return torch.float64 if any(x.dtype == torch.float64 for x in tensors) else torch.float32
+
+
+def tolerances(*tensors: torch.Tensor) -> tuple[float, float]:
+    """(loss rtol, gradient rtol): the loss is accumulated in float32 whatever the input dtype;
+    the gradient is rounded to the student's dtype."""
+    low = tensors[0].dtype in (torch.bfloat16, torch.float16)
+    return 1e-5, 1e-2 if low else 1e-5
+
+
+def run_and_compare(fn, loss: str, students, teachers, *, mask=None, reduction="mean", **options):
+    """Call ``fn`` (``fastkd.<loss>`` or anything with its signature) and the float64 reference on
+    the same inputs, backpropagate the same random upstream gradient through both (a random scalar,
+    or a random tensor for ``"none"``), and compare values, dtypes and the students' gradients.
+
+    ``students`` must require grad (leaves or views of leaves). Returns ``fn``'s output.
+    """
+    single = torch.is_tensor(students)
+    s_list = [students] if single else list(students)
+    t_list = [teachers] if single else list(teachers)
+    s64 = [s.detach().double().requires_grad_() for s in s_list]
+    ref_students = s64[0] if single else s64
+
+    out = fn(students, teachers, mask=mask, reduction=reduction, **options)
+    want = reference_loss(loss, ref_students, teachers, mask=mask, reduction=reduction, **options)
+    outs = list(out) if isinstance(out, (list, tuple)) else [out]
+    wants = want if isinstance(want, list) else [want]
+    assert len(outs) == len(wants), f"{len(outs)} results, expected {len(wants)}"
+
+    loss_rtol, grad_rtol = tolerances(s_list[0])
+    dtype = loss_dtype(*s_list, *t_list)
+    upstream = []
+    for i, (o, w) in enumerate(zip(outs, wants)):
+        assert o.dtype == dtype, f"loss {i}: dtype {o.dtype}, expected {dtype}"
+        assert o.device == s_list[0].device, f"loss {i}: device {o.device}"
+        assert o.requires_grad, f"loss {i} does not require grad"
+        # rows of logit_kl are T^2 * kl (and their gradients T (q - p)): so are rounding errors
+        zero_atol = loss_rtol * options.get("temperature", 1.0) ** 2
+        assert_close(o.detach(), w.detach(), loss_rtol, f"loss {i}", atol=zero_atol)
+        upstream.append(torch.randn(w.shape, dtype=torch.float32))
+
+    grads = torch.autograd.grad(outs, s_list, [u.to(o.device, o.dtype) for u, o in zip(upstream, outs)])
+    want_grads = torch.autograd.grad(wants, s64, [u.double().to(w.device) for u, w in zip(upstream, wants)])
+    for i, (s, g, w) in enumerate(zip(s_list, grads, want_grads)):
+        assert g.dtype == s.dtype, f"grad {i}: dtype {g.dtype}, expected the student's {s.dtype}"
+        assert_close(g, w, grad_rtol, f"grad {i}", atol=grad_rtol * options.get("temperature", 1.0))
+    return out

@@ -1,0 +1,90 @@
+"""``torch.compile(fullgraph=True)`` of a function that calls a loss: it compiles without a graph
+break, forward and backward, and gives what eager gives (and the float64 formula).
+
+Inductor compiles the torch backend and the default (``auto``) one on CPU, and the Triton one on
+CUDA; the other CPU backends go through ``aot_eager``, which traces the same graph with the ops' fake implementations and autograd
+but skips code generation.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from conftest import NEEDS_CUDA
+from reference import assert_close, run_and_compare
+
+import fastkd
+
+
+def compile_cases() -> list:
+    cases = [pytest.param(("cpu", "torch", "inductor"), id="cpu-torch-inductor"),
+             pytest.param(("cpu", "auto", "inductor"), id="cpu-auto-inductor")]
+    if "triton" in fastkd.available_backends() and os.environ.get("TRITON_INTERPRET") == "1":
+        cases.append(pytest.param(("cpu", "triton", "aot_eager"), id="cpu-triton-aot_eager"))
+    if "native" in fastkd.available_backends():
+        cases.append(pytest.param(("cpu", "native", "aot_eager"), id="cpu-native-aot_eager"))
+    cases.append(pytest.param(("cuda", "triton", "inductor"), id="cuda-triton-inductor",
+                              marks=NEEDS_CUDA))
+    return cases
+
+
+def loss_case(name: str, device):
+    """``(function, reference name, students, teachers, mask, options)``; students are leaves."""
+    def r(*shape, softmax=False):
+        x = torch.randn(shape) * 2
+        return (torch.softmax(x, -1) if softmax else x).to(device)
+
+    if name == "hidden_mse":
+        return fastkd.hidden_mse, name, r(3, 5, 300), r(3, 5, 300), r(3, 5) > 0, {}
+    if name == "hidden_pairs":
+        return fastkd.hidden_mse, "hidden_mse", [r(3, 5, 300), r(3, 5, 7)], [r(3, 5, 300), r(3, 5, 7)], \
+            r(3, 5) > 0, {}
+    if name == "logit_kl":
+        return fastkd.logit_kl, name, r(3, 5, 1000), r(3, 5, 1000), r(3, 5) > 0, {"temperature": 2.0}
+    if name == "attention_probs":
+        return fastkd.attention_kl, "attention_kl", r(2, 3, 5, 7, softmax=True), \
+            r(2, 3, 5, 7, softmax=True), r(2, 5) > 0, {"kind": "probs"}
+    if name == "attention_scores":
+        return fastkd.attention_kl, "attention_kl", r(2, 3, 5, 5), r(2, 3, 5, 5), r(2, 5) > 0, \
+            {"kind": "scores"}
+    # attention_pairs
+    return fastkd.attention_kl, "attention_kl", [r(2, 3, 5, 5), r(2, 1, 5, 5)], \
+        [r(2, 3, 5, 5), r(2, 1, 5, 5)], r(2, 5) > 0, {"kind": "scores"}
+
+
+NAMES = ["hidden_mse", "hidden_pairs", "logit_kl", "attention_probs", "attention_scores",
+         "attention_pairs"]
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("case", compile_cases())
+def test_compile_matches_eager(case, name):
+    device, backend, compiler = case
+    fastkd.set_backend(backend)
+    try:
+        fn, ref, s, t, mask, options = loss_case(name, device)
+        s_list = s if isinstance(s, list) else [s]
+        for x in s_list:
+            x.requires_grad_()
+        for reduction in ("mean", "none"):
+
+            def step(students, teachers, mask=None, reduction="mean", **options):
+                return fn(students, teachers, mask=mask, reduction=reduction, **options)
+
+            compiled = torch.compile(step, fullgraph=True, backend=compiler)
+            got = compiled(s, t, mask=mask, reduction=reduction, **options)
+            want = step(s, t, mask=mask, reduction=reduction, **options)
+            got_list = got if isinstance(got, list) else [got]
+            want_list = want if isinstance(want, list) else [want]
+            upstream = [torch.randn(w.shape).to(device) for w in want_list]
+            got_grads = torch.autograd.grad(got_list, s_list, upstream)
+            want_grads = torch.autograd.grad(want_list, s_list, upstream)
+            for a, b in zip(got_list + list(got_grads), want_list + list(want_grads)):
+                assert_close(a.detach(), b.detach(), 1e-6, f"{reduction}: compiled vs eager")
+            run_and_compare(compiled, ref, s, t, mask=mask, reduction=reduction, **options)
+    finally:
+        fastkd.set_backend("auto")
+        torch._dynamo.reset()
+
