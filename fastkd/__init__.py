@@ -1,8 +1,9 @@
 """fastkd: fused knowledge-distillation losses for PyTorch.
 
 ``hidden_mse``, ``attention_kl``, ``logit_kl`` and ``fused_linear_kl`` (and their ``nn.Module``
-forms) compute the distillation losses on one of several backends (``available_backends``, ``set_backend``, or the
-``FASTKD_BACKEND`` environment variable).
+forms) compute the distillation losses on one of several backends (``available_backends``,
+``set_backend``, or the ``FASTKD_BACKEND`` environment variable). ``Stage``, ``Schedule`` and
+``StageRunner`` distil a student from a teacher in one, two or three stages.
 """
 
 from fastkd._backend import available_backends, get_backend, set_backend
@@ -11,12 +12,16 @@ from fastkd.fused_linear import FusedLinearKLLoss, fused_linear_kl
 from fastkd.hidden import hidden_mse
 from fastkd.logit import logit_kl
 from fastkd.modules import AttentionKLLoss, HiddenMSELoss, LogitKLLoss
+from fastkd.runner import Schedule, Stage, StageRunner
 
 __all__ = [
     "AttentionKLLoss",
     "FusedLinearKLLoss",
     "HiddenMSELoss",
     "LogitKLLoss",
+    "Schedule",
+    "Stage",
+    "StageRunner",
     "attention_kl",
     "available_backends",
     "fused_linear_kl",

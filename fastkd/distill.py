@@ -1,0 +1,214 @@
+"""``fastkd distill``: distil a student from a teacher with the stage runner.
+
+With no arguments, a built-in demonstration: a small Llama-style teacher (4 blocks, width 256,
+vocabulary 4096) is distilled into a smaller student (2 blocks, width 128) on generated text
+through the three presets, and each configuration is run both by fastkd and the plain way
+(:mod:`fastkd.runner.plain`); a table gives per configuration the mean step time (first step of
+each stage left out), the peak step memory and the last losses. Both models start from random
+weights with the same seed for both ways.
+
+With ``--teacher`` and ``--student`` (each a ``save_pretrained`` directory, a directory holding only
+a ``config.json``, or a config JSON file; the last two build a randomly initialised model), the
+given ``--preset`` (all three when omitted) is run on ``--data`` (a text file, tokenized by the
+teacher's tokenizer when its directory has one, else as UTF-8 bytes) or on generated text.
+``--save DIR`` writes the distilled student (``save_pretrained``) and its projections
+(``projections.pt``). ``--steps`` gives one count per stage, or one count used for every stage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import sys
+
+import torch
+
+from fastkd.runner import Schedule, StageRunner
+from fastkd.runner.measure import fix_mmap_threshold
+from fastkd.runner.plain import PlainRunner
+from fastkd.runner.schedule import PRESETS
+
+DEMO_VOCAB = 4096
+DEMO_TEACHER = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=8)
+DEMO_STUDENT = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=8)
+DEMO_STEPS = {"one-stage": [6], "two-stage": [4, 4], "three-stage": [3, 3, 3]}
+
+
+def generated_text(words: int, vocabulary: int, seed: int = 0) -> str:
+    """Text of ``words`` pseudo-words from a random bigram language over ``vocabulary - 1`` words."""
+    rng = random.Random(seed)
+    syllables = [c + v for c in "bdfgklmnprstvz" for v in "aeiou"]
+    lexicon = sorted({"".join(rng.choices(syllables, k=rng.randint(1, 3))) for _ in range(4 * vocabulary)})
+    lexicon = lexicon[: vocabulary - 1]
+    successors = {w: rng.sample(lexicon, 8) for w in lexicon}
+    word, out = rng.choice(lexicon), []
+    for _ in range(words):
+        out.append(word)
+        word = rng.choice(successors[word]) if rng.random() < 0.9 else rng.choice(lexicon)
+    return " ".join(out)
+
+
+def word_ids(text: str, vocabulary: int) -> list[int]:
+    """Word-level ids: each distinct word by order of first appearance (id 0 kept for padding)."""
+    ids: dict[str, int] = {}
+    return [ids.setdefault(w, 1 + len(ids) % (vocabulary - 1)) for w in text.split()]
+
+
+def batches(tokens: list[int], batch_size: int, seq_len: int, steps: int):
+    """``steps`` batches of ``[batch_size, seq_len]`` consecutive token blocks, cycling through ``tokens``."""
+    block = batch_size * seq_len
+    data = torch.tensor(tokens * math.ceil(block / max(len(tokens), 1)), dtype=torch.long)
+    count = len(data) // block
+    for step in range(steps):
+        ids = data[(step % count) * block : (step % count + 1) * block].view(batch_size, seq_len)
+        yield {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+def load_model(spec: str, device: torch.device):
+    """A transformers model from a ``save_pretrained`` directory, a config-only directory or a config JSON file."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM
+
+    if os.path.isfile(spec):
+        with open(spec) as f:
+            fields = json.load(f)
+        config, pretrained = AutoConfig.for_model(fields.pop("model_type"), **fields), False
+    elif os.path.isdir(spec):
+        config = AutoConfig.from_pretrained(spec)
+        pretrained = any(name.endswith((".safetensors", ".bin")) for name in os.listdir(spec))
+    else:
+        raise ValueError(f"model: {spec!r} is neither a directory nor a config JSON file")
+    masked = any("MaskedLM" in name for name in (config.architectures or [])) or config.model_type == "bert"
+    auto = AutoModelForMaskedLM if masked else AutoModelForCausalLM
+    model = auto.from_pretrained(spec) if pretrained else auto.from_config(config)
+    return model.to(device)
+
+
+def demo_models(device: torch.device):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    teacher = LlamaForCausalLM(LlamaConfig(vocab_size=DEMO_VOCAB, **DEMO_TEACHER))
+    student = LlamaForCausalLM(LlamaConfig(vocab_size=DEMO_VOCAB, **DEMO_STUDENT))
+    return student.to(device), teacher.to(device)
+
+
+def summarise(records: list[dict]) -> dict:
+    """Mean step time without each stage's first step, peak memory, and the last losses."""
+    timed = [r["time_ms"] for k, r in enumerate(records) if k > 0 and r["stage"] == records[k - 1]["stage"]]
+    timed = timed or [r["time_ms"] for r in records]
+    losses = {}
+    for r in records:
+        losses.update({k[5:]: v for k, v in r.items() if k.startswith("loss_")})
+    return {
+        "time_ms": sum(timed) / len(timed),
+        "peak_mb": max(r["peak_mem_mb"] for r in records),
+        "losses": losses,
+        "steps": len(records),
+    }
+
+
+def run_configuration(way, make_models, preset, steps, args, tokens, device) -> dict:
+    student, teacher = make_models()
+    optimizer = torch.optim.AdamW(student.parameters(), lr=args.lr)
+    runner_class = PlainRunner if way == "plain" else StageRunner
+    runner = runner_class(
+        student, teacher, Schedule.preset(preset, steps), optimizer,
+        layer_map=args.layer_map, temperature=args.temperature, quiet=args.quiet,
+    )
+    total = runner.schedule.total_steps
+    records = list(runner.run(batches(tokens, args.batch_size, args.seq_len, total)))
+    if args.save and way == "fastkd":
+        out = os.path.join(args.save, preset)
+        student.save_pretrained(out)
+        torch.save(runner.projections.state_dict(), os.path.join(out, "projections.pt"))
+    return summarise(records)
+
+
+def _format_losses(losses: dict) -> str:
+    return " ".join(f"{name}={value:.4g}" for name, value in losses.items())
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(prog="fastkd distill", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--teacher", help="teacher: save_pretrained directory or config JSON")
+    parser.add_argument("--student", help="student: save_pretrained directory or config JSON")
+    parser.add_argument("--preset", choices=list(PRESETS), action="append", help="configuration(s); default all")
+    parser.add_argument("--steps", type=int, nargs="+", help="steps per stage (one count: every stage)")
+    parser.add_argument("--data", help="text file to distil on (default: generated text)")
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--temperature", type=float, default=2.0)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--layer-map", default="uniform", choices=["uniform", "last"])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--no-plain", action="store_true", help="skip the plain way")
+    parser.add_argument("--save", help="directory for the distilled student(s)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    args = parser.parse_args(argv)
+    if (args.teacher is None) != (args.student is None):
+        parser.error("--teacher and --student go together")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    fix_mmap_threshold()
+    device = torch.device(args.device)
+    presets = args.preset or list(PRESETS)
+    if args.teacher is None:
+        vocab = DEMO_VOCAB
+        make_models = lambda: demo_models(device)  # noqa: E731
+    else:
+        def make_models():
+            torch.manual_seed(0)
+            return load_model(args.student, device), load_model(args.teacher, device)
+
+        vocab = make_models()[1].config.vocab_size
+    tokens = _tokens(args, vocab)
+    print(f"fastkd distill on {device}: batch {args.batch_size} x {args.seq_len}, T={args.temperature}")
+    header = f"{'configuration':<13} {'way':<7} {'steps':>5} {'ms/step':>9} {'peak MB':>9} {'speed-up':>8} {'mem':>6}  losses (last step of each)"
+    print(header)
+    for preset in presets:
+        steps = _steps(args.steps, preset, args.teacher is None)
+        results = {}
+        for way in ("plain", "fastkd") if not args.no_plain else ("fastkd",):
+            results[way] = result = run_configuration(way, make_models, preset, steps, args, tokens, device)
+            speed = mem = ""
+            if way == "fastkd" and "plain" in results:
+                speed = f"{results['plain']['time_ms'] / result['time_ms']:.2f}x"
+                mem = f"{result['peak_mb'] / results['plain']['peak_mb']:.2f}x"
+            print(
+                f"{preset:<13} {way:<7} {result['steps']:>5} {result['time_ms']:>9.1f} {result['peak_mb']:>9.1f} "
+                f"{speed:>8} {mem:>6}  {_format_losses(result['losses'])}",
+                flush=True,
+            )
+    return 0
+
+
+def _steps(steps, preset, demo) -> list[int]:
+    stages = len(PRESETS[preset])
+    if steps is None:
+        return DEMO_STEPS[preset] if demo else [100] * stages
+    return steps * stages if len(steps) == 1 else steps
+
+
+def _tokens(args, vocab: int) -> list[int]:
+    if args.data is None:
+        return word_ids(generated_text(20000, vocab), vocab)
+    with open(args.data, encoding="utf-8") as f:
+        text = f.read()
+    if args.teacher is not None and os.path.isdir(args.teacher):
+        try:
+            from transformers import AutoTokenizer
+
+            return AutoTokenizer.from_pretrained(args.teacher)(text)["input_ids"]
+        except (OSError, ValueError):
+            pass
+    return [b % vocab for b in text.encode("utf-8")]
+
+
+if __name__ == "__main__":
+    sys.exit(main())

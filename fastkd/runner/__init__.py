@@ -1,0 +1,15 @@
+"""The stage runner: distil a student from a teacher in one, two or three stages.
+
+``Stage`` and ``Schedule`` (:mod:`.schedule`) say which losses run for how many steps;
+``StageRunner`` (:mod:`.runner`) runs them, asking each model only for the features a stage uses
+(:mod:`.models`: transformers glue and the ``ModelAdapter`` interface for plain modules), pairing
+layers (:mod:`.layer_map`), capturing each stage's step in a CUDA graph (:mod:`.graphs`) and
+writing resumable checkpoints (:mod:`.checkpoint`). :mod:`.plain` is the plain way it is measured
+against.
+"""
+
+from fastkd.runner.models import Features, ModelAdapter
+from fastkd.runner.runner import StageRunner
+from fastkd.runner.schedule import Schedule, Stage
+
+__all__ = ["Features", "ModelAdapter", "Schedule", "Stage", "StageRunner"]

@@ -1,0 +1,93 @@
+"""Time and peak memory of one training step.
+
+Peak memory is measured above what is held when the step begins (models, projections, optimizer
+state, the batch):
+
+- CUDA: ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``, minus
+  ``memory_allocated`` at the start.
+- CPU (Linux): the process's resident set. The step starts by returning freed heap memory to the
+  system (``malloc_trim``) and resetting the high-water mark (``/proc/self/clear_refs``); the peak
+  is ``VmHWM`` at the end minus ``VmRSS`` at the start. glibc keeps freed blocks below its mmap
+  threshold in the heap, where a later step can reuse them unseen; :func:`fix_mmap_threshold`
+  (called by ``fastkd distill`` and the benchmarks) makes every block of 1 MiB or more a mapping of
+  its own, freed at once, so that the resident set follows the live tensors. Elsewhere: NaN.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import math
+import re
+import time
+
+import torch
+
+_M_MMAP_THRESHOLD = -3
+
+
+def _libc():
+    name = ctypes.util.find_library("c")
+    return ctypes.CDLL(name) if name else None
+
+
+_LIBC = _libc()
+
+
+def fix_mmap_threshold(nbytes: int = 1 << 20) -> bool:
+    """Allocate blocks of ``nbytes`` or more with their own mapping (glibc ``mallopt``); False if unavailable."""
+    if _LIBC is None or not hasattr(_LIBC, "mallopt"):
+        return False
+    return bool(_LIBC.mallopt(_M_MMAP_THRESHOLD, nbytes))
+
+
+def _proc_status_kb(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            match = re.search(rf"^{field}:\s+(\d+) kB", f.read(), re.MULTILINE)
+    except OSError:
+        return None
+    return int(match.group(1)) if match else None
+
+
+def _reset_cpu_peak() -> bool:
+    if _LIBC is not None and hasattr(_LIBC, "malloc_trim"):
+        _LIBC.malloc_trim(0)
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return False
+    return True
+
+
+class StepMeter:
+    """``start()`` before a step, ``stop()`` after it: ``(seconds, peak MiB above the start)``."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self._base = 0
+        self._t0 = 0.0
+        self._cpu_ok = False
+
+    def start(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._base = torch.cuda.memory_allocated(self.device)
+        else:
+            self._cpu_ok = _reset_cpu_peak()
+            self._base = _proc_status_kb("VmRSS") or 0
+        self._t0 = time.perf_counter()
+
+    def stop(self) -> tuple[float, float]:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            seconds = time.perf_counter() - self._t0
+            peak = (torch.cuda.max_memory_allocated(self.device) - self._base) / 2**20
+            return seconds, peak
+        seconds = time.perf_counter() - self._t0
+        hwm = _proc_status_kb("VmHWM")
+        if not self._cpu_ok or hwm is None:
+            return seconds, math.nan
+        return seconds, (hwm - self._base) / 1024

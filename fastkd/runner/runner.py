@@ -1,0 +1,345 @@
+"""``StageRunner``: distil a student from a teacher through a :class:`~fastkd.runner.Schedule`.
+
+Each step of a stage computes ``loss = sum(w * L)`` over the stage's losses, with ``m`` the
+padding mask (``attention_mask``) of the batch:
+
+- ``hidden``: ``fastkd.hidden_mse([P_k(h_s[i_k])], [h_t[j_k]], mask=m)`` over the layer map's
+  hidden pairs ``(i_k, j_k)``; ``P_k`` is a learned ``nn.Linear(D_s, D_t)`` per pair when the
+  widths differ (``runner.projections``), the identity otherwise;
+- ``att``: ``fastkd.attention_kl(student maps, teacher maps, mask=m, kind="probs")`` over the
+  attention pairs, on probabilities before dropout;
+- ``logit``: ``fastkd.fused_linear_kl(head input of the student, its LM-head weight, the teacher's
+  two, temperature=T, mask=m * (labels != -100))``: the logits are never materialised.
+
+The models are asked only for what the stage uses: no LM head runs in a stage without ``logit``,
+and a stage with only ``logit`` asks for no hidden states or attention maps. The teacher runs in
+eval mode under ``torch.no_grad``, the student in train mode.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+import fastkd
+from fastkd.fused_linear import fused_linear_kl
+from fastkd.runner import checkpoint
+from fastkd.runner.graphs import StageGraph, make_capturable, log
+from fastkd.runner.layer_map import resolve_layer_map
+from fastkd.runner.measure import StepMeter
+from fastkd.runner.models import Features, ModelAdapter, as_adapter
+from fastkd.runner.schedule import Schedule, Stage
+
+
+@dataclass(frozen=True)
+class Request:
+    """What one stage asks of a model: hidden-state indices, attention blocks, the LM-head input."""
+
+    hidden: tuple[int, ...]
+    attentions: tuple[int, ...]
+    head_input: bool
+
+
+class StageRunner:
+    """Trains ``student`` from ``teacher`` through ``schedule`` (module docstring for the losses).
+
+    Args:
+        student, teacher: transformers models (causal LMs, BERT) or :class:`ModelAdapter` instances.
+        schedule: the stages to run.
+        optimizer: the user's optimizer over the student's parameters; the runner adds its
+            projections to it as a new parameter group.
+        layer_map: ``"uniform"``, ``"last"`` or ``(student, teacher)`` hidden-state pairs
+            (see :mod:`fastkd.runner.layer_map`).
+        temperature: the logit loss's temperature ``T``.
+        cuda_graphs: ``"auto"`` (on CUDA: capture each stage's step, see :mod:`fastkd.runner.graphs`),
+            ``True`` (the same, but an error off CUDA) or ``False`` (eager).
+        checkpoint_dir: when given, ``latest.pt`` there is written at the end of every stage and,
+            with ``checkpoint_every``, every that many steps.
+        lr_scheduler: stepped after every optimizer step.
+        pad_to: the static sequence length of CUDA-graphed stages (default: the stage's first batch's).
+        graph_warmup: eager steps before each stage's capture.
+        quiet: no progress bar in :meth:`run`.
+    """
+
+    def __init__(
+        self,
+        student: nn.Module | ModelAdapter,
+        teacher: nn.Module | ModelAdapter,
+        schedule: Schedule,
+        optimizer: torch.optim.Optimizer,
+        *,
+        layer_map: object = "uniform",
+        temperature: float = 1.0,
+        cuda_graphs: str | bool = "auto",
+        checkpoint_dir: str | os.PathLike | None = None,
+        checkpoint_every: int | None = None,
+        lr_scheduler: object = None,
+        pad_to: int | None = None,
+        graph_warmup: int = 3,
+        quiet: bool = False,
+    ) -> None:
+        if not isinstance(schedule, Schedule):
+            raise TypeError(f"schedule: expected a fastkd.Schedule, got {type(schedule).__name__}")
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"optimizer: expected a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        if cuda_graphs not in ("auto", True, False):
+            raise ValueError(f"cuda_graphs: got {cuda_graphs!r}, expected 'auto', True or False")
+        for name, value in (("checkpoint_every", checkpoint_every), ("pad_to", pad_to)):
+            if value is not None and (not isinstance(value, int) or value <= 0):
+                raise ValueError(f"{name}: expected a positive int or None, got {value!r}")
+        if not isinstance(graph_warmup, int) or graph_warmup < 0:
+            raise ValueError(f"graph_warmup: expected an int >= 0, got {graph_warmup!r}")
+        self.student = as_adapter(student, "student")
+        self.teacher = as_adapter(teacher, "teacher")
+        self.schedule = schedule
+        self.optimizer = optimizer
+        self.temperature = _check_temperature(temperature)
+        self.layer_map = resolve_layer_map(layer_map, self.student.num_layers, self.teacher.num_layers)
+        self.checkpoint_dir = checkpoint_dir
+        self.checkpoint_every = checkpoint_every
+        self.lr_scheduler = lr_scheduler
+        self.pad_to = pad_to
+        self.graph_warmup = graph_warmup
+        self.quiet = quiet
+
+        parameter = next(self.student.module.parameters())
+        self.device = parameter.device
+        used = {name for stage in schedule for name in stage.losses}
+        self._check_models(used)
+        self.projections = nn.ModuleList()
+        if "hidden" in used and self.student.hidden_size != self.teacher.hidden_size:
+            self.projections.extend(
+                nn.Linear(self.student.hidden_size, self.teacher.hidden_size, device=self.device, dtype=parameter.dtype)
+                for _ in self.layer_map.hidden
+            )
+            optimizer.add_param_group({"params": list(self.projections.parameters())})
+
+        # Why steps run eagerly; None when each stage's step is captured in a CUDA graph.
+        self.graph_reason: str | None
+        if cuda_graphs is True and self.device.type != "cuda":
+            raise ValueError(f"cuda_graphs: True needs the student on CUDA, it is on {self.device}")
+        if cuda_graphs is False:
+            self.graph_reason = "cuda_graphs=False"
+        elif self.device.type != "cuda":
+            self.graph_reason = f"the student is on {self.device.type}"
+        else:
+            self.graph_reason = make_capturable(optimizer, self.device)
+        if self.graph_reason is not None:
+            level = logging.WARNING if self.device.type == "cuda" and cuda_graphs is not False else logging.INFO
+            log.log(level, "CUDA graphs off, steps run eagerly: %s", self.graph_reason)
+
+        self.step_index = 0
+        self._stage_index: int | None = None
+        self._requests: tuple[Request, Request] | None = None
+        self._graph: StageGraph | None = None
+        self._meter = StepMeter(self.device)
+
+    # ----------------------------------------------------------------------------------------
+    # Set-up checks.
+
+    def _check_models(self, used: set[str]) -> None:
+        if "att" in used:
+            if self.student.num_heads != self.teacher.num_heads:
+                raise ValueError(
+                    f"att: attention pairs need equal head counts, student has {self.student.num_heads} "
+                    f"heads and teacher {self.teacher.num_heads}"
+                )
+            if not self.layer_map.attention:
+                raise ValueError("layer_map: a stage uses 'att' but the layer map pairs no blocks")
+        if "logit" in used:
+            student_weight, _ = self.student.lm_head()
+            teacher_weight, _ = self.teacher.lm_head()
+            if student_weight.shape[0] != teacher_weight.shape[0]:
+                raise ValueError(
+                    f"logit: vocabulary sizes differ, student V={student_weight.shape[0]}, "
+                    f"teacher V={teacher_weight.shape[0]}"
+                )
+
+    # ----------------------------------------------------------------------------------------
+    # Position in the schedule.
+
+    @property
+    def finished(self) -> bool:
+        return self.step_index >= self.schedule.total_steps
+
+    @property
+    def stage(self) -> Stage:
+        """The stage of the next step (the last stage once the schedule has ended)."""
+        return self.schedule[self.schedule.locate(min(self.step_index, self.schedule.total_steps - 1))[0]]
+
+    @property
+    def graph_captured(self) -> bool:
+        """Whether the current stage's step is captured in a CUDA graph."""
+        return self._graph is not None and self._graph.captured
+
+    def seek(self, step: int) -> None:
+        """Move to global step ``step``: the next :meth:`step` runs that step of its stage."""
+        if not isinstance(step, int) or not 0 <= step <= self.schedule.total_steps:
+            raise ValueError(f"step: expected an int in 0..{self.schedule.total_steps}, got {step!r}")
+        self.step_index = step
+
+    def _set_modes(self) -> None:
+        """Student in train mode, teacher in eval mode, attention maps on exactly in stages with 'att'."""
+        uses_att = "att" in self.schedule[self._stage_index].losses
+        self.student.set_attention_maps(uses_att)
+        self.teacher.set_attention_maps(uses_att)
+        self.student.module.train()
+        self.teacher.module.eval()
+
+    def _enter_stage(self, index: int) -> None:
+        stage = self.schedule[index]
+        uses_att = "att" in stage.losses
+        pairs = {
+            "hidden": self.layer_map.hidden if "hidden" in stage.losses else (),
+            "att": self.layer_map.attention if uses_att else (),
+        }
+        self._requests = tuple(
+            Request(
+                hidden=tuple(pair[side] for pair in pairs["hidden"]),
+                attentions=tuple(pair[side] for pair in pairs["att"]),
+                head_input="logit" in stage.losses,
+            )
+            for side in (0, 1)
+        )
+        self._graph = None
+        if self.graph_reason is None:
+            self._graph = StageGraph(
+                self._losses, self._eager_step, self.optimizer, warmup=self.graph_warmup, pad_to=self.pad_to
+            )
+        self._stage_index = index
+
+    # ----------------------------------------------------------------------------------------
+    # One step.
+
+    def _losses(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """``[total, L_name for each loss of the stage]``, a 1-D float32 tensor."""
+        stage = self.schedule[self._stage_index]
+        student_request, teacher_request = self._requests
+        mask = batch["attention_mask"]
+        with torch.no_grad():
+            t = self.teacher.features(batch, **vars(teacher_request))
+        s = self.student.features(batch, **vars(student_request))
+        losses = []
+        if "hidden" in stage.losses:
+            hidden = [p(h) for p, h in zip(self.projections, s.hidden)] if self.projections else s.hidden
+            losses.append(fastkd.hidden_mse(hidden, t.hidden, mask=mask))
+        if "att" in stage.losses:
+            losses.append(fastkd.attention_kl(s.attentions, t.attentions, mask=mask, kind="probs"))
+        if "logit" in stage.losses:
+            losses.append(self._logit_loss(batch, s, t))
+        total = sum(weight * loss.float() for weight, loss in zip(stage.losses.values(), losses))
+        return torch.stack([total, *(loss.float() for loss in losses)])
+
+    def _logit_loss(self, batch: Mapping[str, torch.Tensor], s: Features, t: Features) -> torch.Tensor:
+        student_weight, student_bias = self.student.lm_head()
+        teacher_weight, teacher_bias = self.teacher.lm_head()
+        mask = batch["attention_mask"] != 0
+        if "labels" in batch:
+            mask = mask & (batch["labels"] != -100)
+        return fused_linear_kl(
+            s.head_input.flatten(0, -2),
+            student_weight,
+            t.head_input.flatten(0, -2),
+            teacher_weight.detach(),
+            student_bias=student_bias,
+            teacher_bias=None if teacher_bias is None else teacher_bias.detach(),
+            temperature=self.temperature,
+            mask=mask.reshape(-1),
+        )
+
+    def _eager_step(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        self.optimizer.zero_grad(set_to_none=True)
+        values = self._losses(batch)
+        values[0].backward()
+        self.optimizer.step()
+        return values.detach()
+
+    def _prepare_batch(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if not isinstance(batch, Mapping) or "input_ids" not in batch:
+            raise TypeError(f"batch: expected a dict with 'input_ids' (and 'attention_mask'), got {type(batch).__name__}")
+        prepared = {name: value.to(self.device, non_blocking=True) for name, value in batch.items()}
+        if "attention_mask" not in prepared:
+            prepared["attention_mask"] = torch.ones_like(prepared["input_ids"])
+        return prepared
+
+    def step(self, batch: Mapping[str, torch.Tensor]) -> dict[str, object]:
+        """Run one optimizer step of the current stage on ``batch``; its metrics.
+
+        Metrics: ``stage`` (name), ``step`` (global, from 0), ``loss`` (weighted total), one
+        ``loss_<name>`` per loss of the stage, ``time_ms`` and ``peak_mem_mb`` (peak memory of the
+        step above what was held when it began, see :mod:`fastkd.runner.measure`).
+        """
+        if self.finished:
+            raise RuntimeError(f"the schedule has ended after {self.schedule.total_steps} steps")
+        index, _ = self.schedule.locate(self.step_index)
+        if index != self._stage_index:
+            self._enter_stage(index)
+        self._set_modes()
+        stage = self.schedule[index]
+        batch = self._prepare_batch(batch)
+        self._meter.start()
+        values = self._graph.step(batch) if self._graph is not None else self._eager_step(batch)
+        values = values.tolist()
+        seconds, peak = self._meter.stop()
+        if self.lr_scheduler is not None:
+            self.lr_scheduler.step()
+        metrics: dict[str, object] = {"stage": stage.name, "step": self.step_index, "loss": values[0]}
+        metrics.update({f"loss_{name}": value for name, value in zip(stage.losses, values[1:])})
+        metrics["time_ms"] = seconds * 1e3
+        metrics["peak_mem_mb"] = peak
+        self.step_index += 1
+        self._autosave(index)
+        return metrics
+
+    def run(self, batches: Iterable[Mapping[str, torch.Tensor]]) -> Iterator[dict[str, object]]:
+        """Step through ``batches`` until the schedule ends or they run out, yielding each step's metrics."""
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=self.schedule.total_steps, initial=self.step_index, disable=self.quiet, desc="distil")
+        try:
+            for batch in batches:
+                if self.finished:
+                    break
+                metrics = self.step(batch)
+                bar.update(1)
+                bar.set_postfix(
+                    {"stage": metrics["stage"], **{k: f"{v:.4g}" for k, v in metrics.items() if k.startswith("loss")}},
+                    refresh=False,
+                )
+                yield metrics
+        finally:
+            bar.close()
+
+    # ----------------------------------------------------------------------------------------
+    # Checkpoints.
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write a checkpoint (see :mod:`fastkd.runner.checkpoint`) to ``path``."""
+        checkpoint.save(self, path)
+
+    def load(self, path: str | os.PathLike) -> None:
+        """Restore a checkpoint written by :meth:`save`; the next step is the saved position."""
+        checkpoint.load(self, path)
+        self._stage_index = None
+
+    def _autosave(self, index: int) -> None:
+        if self.checkpoint_dir is None:
+            return
+        stage_end = self.step_index == self.schedule.start(index) + self.schedule[index].steps
+        periodic = self.checkpoint_every is not None and self.step_index % self.checkpoint_every == 0
+        if stage_end or periodic:
+            os.makedirs(self.checkpoint_dir, exist_ok=True)
+            self.save(os.path.join(self.checkpoint_dir, "latest.pt"))
+
+
+def _check_temperature(temperature: object) -> float:
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+        raise TypeError(f"temperature: expected a float, got {type(temperature).__name__}")
+    if not temperature > 0 or temperature == float("inf"):
+        raise ValueError(f"temperature: expected a finite number > 0, got {temperature!r}")
+    return float(temperature)

@@ -1,0 +1,151 @@
+"""Stages and schedules: which losses, with which weights, for how many steps.
+
+A :class:`Stage` trains with a weighted sum of some of the three losses (``"hidden"``, ``"att"``,
+``"logit"``); a :class:`Schedule` runs stages one after the other. The presets are DESIGN.md's
+table, every weight 1.0 unless ``weights`` says otherwise:
+
+==============  ====================  ====================  ===========
+preset          Stage "I"             Stage "II"            Stage "III"
+==============  ====================  ====================  ===========
+``one-stage``   hidden + att + logit
+``two-stage``   hidden + att          logit
+``three-stage`` hidden + att          hidden + att + logit  logit
+==============  ====================  ====================  ===========
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from types import MappingProxyType
+
+LOSSES = ("hidden", "att", "logit")
+
+PRESETS: dict[str, tuple[tuple[str, ...], ...]] = {
+    "one-stage": (("hidden", "att", "logit"),),
+    "two-stage": (("hidden", "att"), ("logit",)),
+    "three-stage": (("hidden", "att"), ("hidden", "att", "logit"), ("logit",)),
+}
+
+STAGE_NAMES = ("I", "II", "III")
+
+
+def _check_count(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name}: expected a positive int, got {type(value).__name__}")
+    if value <= 0:
+        raise ValueError(f"{name}: expected a positive int, got {value}")
+    return value
+
+
+def _check_losses(losses: object) -> Mapping[str, float]:
+    if not isinstance(losses, Mapping):
+        raise TypeError(f"losses: expected a mapping of loss name to weight, got {type(losses).__name__}")
+    if not losses:
+        raise ValueError(f"losses: expected at least one of {', '.join(LOSSES)}, got an empty mapping")
+    checked = {}
+    for name, weight in losses.items():
+        if name not in LOSSES:
+            raise ValueError(f"losses: unknown loss {name!r}, expected some of {', '.join(map(repr, LOSSES))}")
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)):
+            raise TypeError(f"losses[{name!r}]: expected a float weight, got {type(weight).__name__}")
+        if not math.isfinite(weight) or weight < 0:
+            raise ValueError(f"losses[{name!r}]: expected a finite weight >= 0, got {weight!r}")
+        checked[name] = float(weight)
+    # Canonical order (hidden, att, logit), whatever order the caller wrote.
+    return MappingProxyType({name: checked[name] for name in LOSSES if name in checked})
+
+
+@dataclass(frozen=True, eq=True)
+class Stage:
+    """One stage: ``loss = sum(weight * L_name for name, weight in losses.items())`` for ``steps`` steps.
+
+    Args:
+        name: shown in metrics and the progress bar.
+        losses: maps ``"hidden"``, ``"att"`` and/or ``"logit"`` to a weight >= 0.
+        steps: number of optimizer steps, > 0.
+    """
+
+    name: str
+    losses: Mapping[str, float]
+    steps: int
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name:
+            raise TypeError(f"name: expected a non-empty str, got {self.name!r}")
+        object.__setattr__(self, "losses", _check_losses(self.losses))
+        _check_count("steps", self.steps)
+
+    __hash__ = None  # the losses mapping is not hashable
+
+
+class Schedule:
+    """Stages run in order; global step ``k`` (from 0) belongs to the stage whose range holds it."""
+
+    def __init__(self, stages: Sequence[Stage]) -> None:
+        if isinstance(stages, Stage) or not isinstance(stages, Sequence):
+            raise TypeError(f"stages: expected a sequence of Stage, got {type(stages).__name__}")
+        if not stages:
+            raise ValueError("stages: expected at least one Stage, got an empty sequence")
+        for i, stage in enumerate(stages):
+            if not isinstance(stage, Stage):
+                raise TypeError(f"stages[{i}]: expected a Stage, got {type(stage).__name__}")
+        self.stages: tuple[Stage, ...] = tuple(stages)
+
+    @classmethod
+    def preset(
+        cls, name: str, steps: Sequence[int], weights: Mapping[str, float] | None = None
+    ) -> Schedule:
+        """One of ``"one-stage"``, ``"two-stage"``, ``"three-stage"`` (table in the module docstring).
+
+        ``steps`` gives one step count per stage; ``weights`` (default 1.0 each) the weight of each
+        loss wherever a stage uses it.
+        """
+        if name not in PRESETS:
+            raise ValueError(f"name: got {name!r}, expected one of {', '.join(map(repr, PRESETS))}")
+        layout = PRESETS[name]
+        if isinstance(steps, int) or not isinstance(steps, Sequence):
+            raise TypeError(f"steps: expected a sequence of {len(layout)} step count(s), got {steps!r}")
+        if len(steps) != len(layout):
+            raise ValueError(
+                f"steps: preset {name!r} has {len(layout)} stage(s), got {len(steps)} step count(s) {list(steps)}"
+            )
+        weights = {} if weights is None else dict(_check_losses(weights))
+        return cls(
+            [
+                Stage(STAGE_NAMES[i], {loss: weights.get(loss, 1.0) for loss in losses}, _check_count(f"steps[{i}]", n))
+                for i, (losses, n) in enumerate(zip(layout, steps))
+            ]
+        )
+
+    @property
+    def total_steps(self) -> int:
+        return sum(stage.steps for stage in self.stages)
+
+    def locate(self, step: int) -> tuple[int, int]:
+        """``(stage index, step within the stage)`` of global step ``step``; IndexError past the end."""
+        if step < 0:
+            raise IndexError(f"step: got {step}, expected >= 0")
+        for index, stage in enumerate(self.stages):
+            if step < stage.steps:
+                return index, step
+            step -= stage.steps
+        raise IndexError("step: past the end of the schedule")
+
+    def start(self, index: int) -> int:
+        """The global step at which stage ``index`` begins."""
+        return sum(stage.steps for stage in self.stages[:index])
+
+    def __len__(self) -> int:
+        return len(self.stages)
+
+    def __iter__(self) -> Iterator[Stage]:
+        return iter(self.stages)
+
+    def __getitem__(self, index: int) -> Stage:
+        return self.stages[index]
+
+    def __repr__(self) -> str:
+        parts = ", ".join(f"{s.name}: {'+'.join(s.losses)} x{s.steps}" for s in self.stages)
+        return f"Schedule({parts})"
