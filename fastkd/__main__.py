@@ -1,0 +1,7 @@
+"""``python -m fastkd``: the ``fastkd`` command."""
+
+import sys
+
+from fastkd.cli import main
+
+raise SystemExit(main())
