@@ -1,0 +1,299 @@
+// attention_kl on CPU: per query row of each (student, teacher) pair of [B, H, Lq, Lk] maps,
+//   rows = sum_k p_k (log p_k - log q_k),
+// kind "probs" (scores=false): p = t, q = s, terms with p_k = 0 are 0, log q_k uses
+//   max(q_k, kTiny); d rows / d s_k = -p_k / q_k where p_k > 0 and q_k >= kTiny, else 0.
+// kind "scores" (scores=true): p = softmax(t), q = softmax(s) over the kept keys: key k is dropped
+//   from both when mask[b, k] == 0 or either score is -inf or <= the lowest finite value of its
+//   dtype; stats = [lse(s), lse(t)] (float64) over kept keys; d rows / d s = q - p on kept
+//   keys, 0 elsewhere; a row without a kept key has value, stats and gradient 0.
+// mask [B, Lq] marks the valid query rows (and, for scores, the kept keys; Lq == Lk then).
+#include "rows.h"
+
+namespace fastkd {
+namespace {
+
+constexpr double kTiny = 1.1754943508222875e-38;  // the smallest normal float32
+
+// log(x) for float32 lanes, inlined (Cephes' logf: x = m 2^e with m in [sqrt(1/2), sqrt(2)), a
+// polynomial in m - 1; relative error about 1 ulp) for normal x > 0; +inf and NaN stay as they are.
+inline Vectorized<float> vlog(const Vectorized<float>& x) {
+  using Vec = Vectorized<float>;
+  using IVec = Vectorized<int32_t>;
+  const IVec bits = at::vec::cast<int32_t>(x);
+  // x = m 2^e with m in [1/2, 1); then m in [sqrt(1/2), sqrt(2)) by moving one factor 2.
+  Vec m = at::vec::cast<float>((bits & IVec(0x007fffff)) | IVec(0x3f000000));
+  Vec e = at::vec::convert_to_fp_of_same_size<float>((bits >> IVec(23)) - IVec(126));
+  const Vec small = m < Vec(0.707106781186547524f);
+  e = e - (small & Vec(1.0f));
+  m = m + (small & m) - Vec(1.0f);
+  const Vec z = m * m;
+  Vec p(7.0376836292e-2f);
+  p = at::vec::fmadd(p, m, Vec(-1.1514610310e-1f));
+  p = at::vec::fmadd(p, m, Vec(1.1676998740e-1f));
+  p = at::vec::fmadd(p, m, Vec(-1.2420140846e-1f));
+  p = at::vec::fmadd(p, m, Vec(1.4249322787e-1f));
+  p = at::vec::fmadd(p, m, Vec(-1.6668057665e-1f));
+  p = at::vec::fmadd(p, m, Vec(2.0000714765e-1f));
+  p = at::vec::fmadd(p, m, Vec(-2.4999993993e-1f));
+  p = at::vec::fmadd(p, m, Vec(3.3333331174e-1f));
+  Vec y = p * m * z;
+  y = at::vec::fmadd(e, Vec(-2.12194440e-4f), y);  // ln 2 in two parts, the second here
+  y = at::vec::fmadd(z, Vec(-0.5f), y);
+  const Vec log_x = at::vec::fmadd(e, Vec(0.693359375f), m + y);
+  return Vec::blendv(x, log_x, x < Vec(std::numeric_limits<float>::infinity()));
+}
+
+inline Vectorized<double> vlog(const Vectorized<double>& x) {
+  return x.map([](double v) { return std::log(v); });
+}
+
+// Forward value of kind "probs" over n entries: sum_{p_k > 0} p_k (log p_k - log max(q_k, kTiny)).
+template <typename acc_t>
+acc_t probs_kl(const acc_t* p_row, const acc_t* q_row, int64_t n) {
+  using Vec = Vectorized<acc_t>;
+  const Vec zero(0), tiny(static_cast<acc_t>(kTiny));
+  Vec sum(0);
+  auto accumulate = [&](Vec p, Vec q) {
+    const Vec term = p * (vlog(p) - vlog(at::vec::maximum(q, tiny)));
+    sum = sum + Vec::blendv(zero, term, p > zero);
+  };
+  int64_t k = 0;
+  for (; k + Vec::size() <= n; k += Vec::size()) {
+    prefetch_next_block(p_row + k);
+    prefetch_next_block(q_row + k);
+    accumulate(Vec::loadu(p_row + k), Vec::loadu(q_row + k));
+  }
+  if (k < n) {
+    accumulate(Vec::loadu(p_row + k, n - k), Vec::loadu(q_row + k, n - k));
+  }
+  return reduce_sum(sum);
+}
+
+// Gradient of kind "probs" over n entries: out_k = g * (-p_k / q_k) where p_k > 0, q_k >= kTiny.
+template <typename acc_t>
+void probs_kl_grad(const acc_t* p_row, const acc_t* q_row, int64_t n, acc_t g, acc_t* out) {
+  using Vec = Vectorized<acc_t>;
+  const Vec zero(0), tiny(static_cast<acc_t>(kTiny)), minus_g(-g);
+  auto grad = [&](Vec p, Vec q) {
+    return Vec::blendv(zero, minus_g * p / q, (p > zero) & (q >= tiny));
+  };
+  int64_t k = 0;
+  for (; k + Vec::size() <= n; k += Vec::size()) {
+    prefetch_next_block(p_row + k);
+    prefetch_next_block(q_row + k);
+    grad(Vec::loadu(p_row + k), Vec::loadu(q_row + k)).store(out + k);
+  }
+  if (k < n) {
+    grad(Vec::loadu(p_row + k, n - k), Vec::loadu(q_row + k, n - k)).store(out + k, n - k);
+  }
+}
+
+// Kind "scores": copies n teacher (a) and student (b) scores into kept_a/kept_b, with -inf in
+// both where the key is dropped: a <= lowest_a, b <= lowest_b, or key_bias (0 or -inf per key,
+// nullptr without a mask) is -inf.
+template <typename acc_t>
+void keep_keys(const acc_t* a, const acc_t* b, const acc_t* key_bias, int64_t n, acc_t lowest_a,
+               acc_t lowest_b, acc_t* kept_a, acc_t* kept_b) {
+  using Vec = Vectorized<acc_t>;
+  const Vec neg_inf(-std::numeric_limits<acc_t>::infinity()), low_a(lowest_a), low_b(lowest_b);
+  auto keep = [&](int64_t k, int64_t len) {
+    Vec va = Vec::loadu(a + k, len), vb = Vec::loadu(b + k, len);
+    if (key_bias != nullptr) {
+      const Vec bias = Vec::loadu(key_bias + k, len);
+      va = va + bias;
+      vb = vb + bias;
+    }
+    const Vec kept = (va > low_a) & (vb > low_b);
+    Vec::blendv(neg_inf, va, kept).store(kept_a + k, len);
+    Vec::blendv(neg_inf, vb, kept).store(kept_b + k, len);
+  };
+  int64_t k = 0;
+  for (; k + Vec::size() <= n; k += Vec::size()) {
+    prefetch_next_block(a + k);
+    prefetch_next_block(b + k);
+    keep(k, Vec::size());
+  }
+  if (k < n) {
+    keep(k, n - k);
+  }
+}
+
+// Everything a row loop needs about one pair.
+struct Pair {
+  const at::Tensor& student;
+  const at::Tensor& teacher;
+  int64_t heads, lq, lk, count;
+
+  Pair(const at::Tensor& s, const at::Tensor& t)
+      : student(s), teacher(t), heads(s.size(1)), lq(s.size(2)), lk(s.size(3)),
+        count(s.size(0) * s.size(1) * s.size(2)) {
+    TORCH_CHECK(s.is_contiguous() && t.is_contiguous() && s.sizes() == t.sizes(),
+                "fastkd native: attention maps must be contiguous and of equal shapes");
+  }
+  int64_t batch_of(int64_t r) const { return r / (heads * lq); }
+  // Index of row r's query in the [B, Lq] mask.
+  int64_t query_of(int64_t r) const { return batch_of(r) * lq + r % lq; }
+};
+
+// Per key of each batch: 0 when mask[b, k] != 0, else -inf ([B * Lk], acc_t); empty without mask.
+template <typename acc_t>
+std::vector<acc_t> key_biases(const float* valid, const Pair& pair, bool scores) {
+  std::vector<acc_t> bias;
+  if (valid == nullptr || !scores) {
+    return bias;
+  }
+  TORCH_CHECK(pair.lq == pair.lk, "fastkd native: kind='scores' with a mask needs Lq == Lk");
+  const int64_t batch = pair.student.size(0);
+  bias.resize(batch * pair.lk);
+  for (int64_t i = 0; i < batch * pair.lk; ++i) {
+    bias[i] = valid[i] != 0 ? acc_t(0) : -std::numeric_limits<acc_t>::infinity();
+  }
+  return bias;
+}
+
+std::tuple<at::Tensor, at::Tensor> attention_forward(at::TensorList students,
+                                                     at::TensorList teachers,
+                                                     const std::optional<at::Tensor>& mask,
+                                                     bool scores) {
+  check_pairs(students, teachers, 4);
+  const float* valid = mask_data(mask);
+  std::vector<at::Tensor> row_pieces, stat_pieces;
+  std::vector<RowTask> tasks;
+  std::vector<int64_t> counts;
+  int64_t elements = 0;
+  for (size_t i = 0; i < students.size(); ++i) {
+    const Pair pair(students[i], teachers[i]);
+    const auto acc = pair.student.options().dtype(acc_scalar_type(pair.student, pair.teacher));
+    at::Tensor rows = at::empty({pair.count}, acc);
+    at::Tensor stats =
+        at::empty({2, scores ? pair.count : 0}, pair.student.options().dtype(at::kDouble));
+    FASTKD_DISPATCH_PAIR(pair.student.scalar_type(), pair.teacher.scalar_type(),
+                         "attention_forward", {
+      const s_t* s_base = pair.student.const_data_ptr<s_t>();
+      const t_t* t_base = pair.teacher.const_data_ptr<t_t>();
+      acc_t* out = rows.data_ptr<acc_t>();
+      double* lse_s = stats.data_ptr<double>();
+      double* lse_t = lse_s + pair.count;
+      const acc_t lowest_s = static_cast<acc_t>(std::numeric_limits<s_t>::lowest());
+      const acc_t lowest_t = static_cast<acc_t>(std::numeric_limits<t_t>::lowest());
+      const int64_t cols = pair.lk;
+      tasks.push_back([=, bias = key_biases<acc_t>(valid, pair, scores)](int64_t begin,
+                                                                          int64_t end) {
+        acc_t buf_s[kBlock], buf_t[kBlock], kept_s[kBlock], kept_t[kBlock];
+        for (int64_t r = begin; r < end; ++r) {
+          const bool row_valid = valid == nullptr || valid[pair.query_of(r)] != 0;
+          const s_t* s_row = s_base + r * cols;
+          const t_t* t_row = t_base + r * cols;
+          if (!scores) {
+            acc_t kl = 0;
+            for (int64_t c = 0; row_valid && c < cols; c += kBlock) {
+              const int64_t n = std::min(kBlock, cols - c);
+              kl += probs_kl(load_block(t_row + c, n, buf_t), load_block(s_row + c, n, buf_s), n);
+            }
+            out[r] = kl;
+            continue;
+          }
+          SoftmaxKL<acc_t> kl;
+          const acc_t* row_bias = bias.empty() ? nullptr : bias.data() + pair.batch_of(r) * cols;
+          for (int64_t c = 0; row_valid && c < cols; c += kBlock) {
+            const int64_t n = std::min(kBlock, cols - c);
+            keep_keys(load_block(t_row + c, n, buf_t), load_block(s_row + c, n, buf_s),
+                      row_bias == nullptr ? nullptr : row_bias + c, n, lowest_t, lowest_s,
+                      kept_t, kept_s);
+            kl.add(kept_t, kept_s, n, acc_t(1));
+          }
+          const bool any = kl.any();
+          out[r] = any ? kl.kl() : acc_t(0);
+          lse_s[r] = any ? kl.lse_b() : 0.0;
+          lse_t[r] = any ? kl.lse_a() : 0.0;
+        }
+      });
+    });
+    row_pieces.push_back(rows);
+    stat_pieces.push_back(stats);
+    counts.push_back(pair.count);
+    elements += pair.count * pair.lk;
+  }
+  parallel_over_pairs(tasks, counts, elements);
+  return {concat_rows(row_pieces), concat_rows(stat_pieces)};
+}
+
+std::vector<at::Tensor> attention_backward(at::TensorList students, at::TensorList teachers,
+                                           const std::optional<at::Tensor>& mask, bool scores,
+                                           const at::Tensor& stats, const at::Tensor& grad_rows) {
+  check_pairs(students, teachers, 4);
+  const float* valid = mask_data(mask);
+  std::vector<at::Tensor> grads, pair_grad_rows, pair_stats;
+  std::vector<RowTask> tasks;
+  std::vector<int64_t> counts;
+  int64_t offset = 0, elements = 0;
+  for (size_t i = 0; i < students.size(); ++i) {
+    const Pair pair(students[i], teachers[i]);
+    const auto acc = acc_scalar_type(pair.student, pair.teacher);
+    pair_grad_rows.push_back(
+        grad_rows.reshape(-1).narrow(0, offset, pair.count).to(acc).contiguous());
+    pair_stats.push_back(scores ? stats.narrow(1, offset, pair.count).to(at::kDouble).contiguous()
+                                : at::empty({2, 0}, stats.options().dtype(at::kDouble)));
+    at::Tensor grad = empty_grad(pair.student);
+    FASTKD_DISPATCH_PAIR(pair.student.scalar_type(), pair.teacher.scalar_type(),
+                         "attention_backward", {
+      const s_t* s_base = pair.student.const_data_ptr<s_t>();
+      const t_t* t_base = pair.teacher.const_data_ptr<t_t>();
+      s_t* grad_base = grad.data_ptr<s_t>();
+      const acc_t* g = pair_grad_rows.back().const_data_ptr<acc_t>();
+      const double* lse_s = pair_stats.back().const_data_ptr<double>();
+      const double* lse_t = lse_s + pair_stats.back().size(1);
+      const acc_t lowest_s = static_cast<acc_t>(std::numeric_limits<s_t>::lowest());
+      const acc_t lowest_t = static_cast<acc_t>(std::numeric_limits<t_t>::lowest());
+      const int64_t cols = pair.lk;
+      tasks.push_back([=, bias = key_biases<acc_t>(valid, pair, scores)](int64_t begin,
+                                                                          int64_t end) {
+        acc_t buf_s[kBlock], buf_t[kBlock], kept_s[kBlock], kept_t[kBlock], buf_g[kBlock];
+        for (int64_t r = begin; r < end; ++r) {
+          s_t* grad_row = grad_base + r * cols;
+          if (valid != nullptr && valid[pair.query_of(r)] == 0) {
+            zero_row(grad_row, cols);
+            continue;
+          }
+          const s_t* s_row = s_base + r * cols;
+          const t_t* t_row = t_base + r * cols;
+          const acc_t* row_bias = bias.empty() ? nullptr : bias.data() + pair.batch_of(r) * cols;
+          for (int64_t c = 0; c < cols; c += kBlock) {
+            const int64_t n = std::min(kBlock, cols - c);
+            const acc_t* t = load_block(t_row + c, n, buf_t);
+            const acc_t* s = load_block(s_row + c, n, buf_s);
+            acc_t* out = out_block<acc_t>(grad_row + c, buf_g);
+            if (scores) {
+              keep_keys(t, s, row_bias == nullptr ? nullptr : row_bias + c, n, lowest_t,
+                        lowest_s, kept_t, kept_s);
+              softmax_kl_grad(kept_t, kept_s, n, acc_t(1), SplitLse<acc_t>(lse_t[r]),
+                              SplitLse<acc_t>(lse_s[r]), g[r], out);
+            } else {
+              probs_kl_grad(t, s, n, g[r], out);
+            }
+            store_block(out, grad_row + c, n);
+          }
+        }
+      });
+    });
+    grads.push_back(grad);
+    counts.push_back(pair.count);
+    offset += pair.count;
+    elements += pair.count * pair.lk;
+  }
+  parallel_over_pairs(tasks, counts, elements);
+  return grads;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(fastkd_native, m) {
+  m.def("attention_forward(Tensor[] students, Tensor[] teachers, Tensor? mask, bool scores)"
+        " -> (Tensor, Tensor)",
+        &attention_forward);
+  m.def("attention_backward(Tensor[] students, Tensor[] teachers, Tensor? mask, bool scores,"
+        " Tensor stats, Tensor grad_rows) -> Tensor[]",
+        &attention_backward);
+}
+
+}  // namespace fastkd

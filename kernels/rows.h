@@ -1,0 +1,373 @@
+// Shared pieces of fastkd's CPU row kernels (hidden.cpp, attention.cpp, logit.cpp).
+//
+// Every loss is a sum over rows; a kernel walks each row in blocks of kBlock elements. A block is
+// read from memory once: reduced-precision inputs are converted into a small per-thread buffer
+// that stays in L1, float32/float64 inputs are read in place. Arithmetic uses
+// at::vec::Vectorized<acc_t>, with acc_t float32, or float64 when an input is float64. Rows are
+// spread over threads with at::parallel_for; all offsets are int64_t.
+#pragma once
+
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <functional>
+#include <limits>
+#include <optional>
+#include <type_traits>
+
+#ifdef __linux__
+#include <sys/mman.h>
+#endif
+
+namespace fastkd {
+
+using at::vec::Vectorized;
+
+// Elements of one row handled at a time: two float32 blocks and a gradient block fit in L1.
+constexpr int64_t kBlock = 1024;
+
+// Rows below which a kernel stays on one thread: about this many elements of work.
+constexpr int64_t kParallelElements = 1 << 15;
+
+inline int64_t grain_rows(int64_t cols) {
+  return std::max<int64_t>(1, kParallelElements / std::max<int64_t>(cols, 1));
+}
+
+// Asks the cache for the line kBlock elements after p: the same place in the next block, so that
+// its memory arrives while the current block is computed on. A hint only: never faults.
+template <typename scalar_t>
+inline void prefetch_next_block(const scalar_t* p) {
+#if defined(__GNUC__) || defined(__clang__)
+  __builtin_prefetch(reinterpret_cast<const void*>(reinterpret_cast<uintptr_t>(p) +
+                                                   kBlock * sizeof(scalar_t)));
+#endif
+}
+
+// float64 when either input is float64, float32 otherwise.
+template <typename s_t, typename t_t>
+using acc_type = std::conditional_t<std::is_same_v<s_t, double> || std::is_same_v<t_t, double>,
+                                    double, float>;
+
+inline at::ScalarType acc_scalar_type(const at::Tensor& s, const at::Tensor& t) {
+  return s.scalar_type() == at::kDouble || t.scalar_type() == at::kDouble ? at::kDouble
+                                                                           : at::kFloat;
+}
+
+// Runs BODY with s_t, t_t (the student's and the teacher's element types) and acc_t defined.
+#define FASTKD_DISPATCH_PAIR(S_TYPE, T_TYPE, NAME, ...)                                      \
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, S_TYPE, NAME, [&] {             \
+    using s_t = scalar_t;                                                                    \
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, T_TYPE, NAME, [&] {           \
+      using t_t = scalar_t;                                                                  \
+      using acc_t = acc_type<s_t, t_t>;                                                      \
+      __VA_ARGS__                                                                            \
+    });                                                                                      \
+  })
+
+// The n elements at src as acc_t: src itself when the types agree, else converted into buf.
+template <typename acc_t, typename scalar_t>
+inline const acc_t* load_block(const scalar_t* src, int64_t n, acc_t* buf) {
+  if constexpr (std::is_same_v<acc_t, scalar_t>) {
+    return src;
+  } else if constexpr (std::is_same_v<acc_t, float>) {
+    using Vec = Vectorized<scalar_t>;  // bfloat16 or half: twice the lanes of Vectorized<float>
+    int64_t k = 0;
+    for (; k + Vec::size() <= n; k += Vec::size()) {
+      prefetch_next_block(src + k);
+      auto [lo, hi] = at::vec::convert_to_float<scalar_t>(Vec::loadu(src + k));
+      lo.store(buf + k);
+      hi.store(buf + k + Vectorized<float>::size());
+    }
+    for (; k < n; ++k) {
+      buf[k] = static_cast<float>(src[k]);
+    }
+    return buf;
+  } else {
+    for (int64_t k = 0; k < n; ++k) {
+      buf[k] = static_cast<acc_t>(src[k]);
+    }
+    return buf;
+  }
+}
+
+// Where a kernel writes n gradient values of type acc_t before they reach dst: dst itself when
+// the types agree, else buf (then store_block converts them).
+template <typename acc_t, typename scalar_t>
+inline acc_t* out_block(scalar_t* dst, acc_t* buf) {
+  if constexpr (std::is_same_v<acc_t, scalar_t>) {
+    return dst;
+  } else {
+    return buf;
+  }
+}
+
+template <typename acc_t, typename scalar_t>
+inline void store_block(const acc_t* src, scalar_t* dst, int64_t n) {
+  if constexpr (!std::is_same_v<acc_t, scalar_t>) {
+    at::vec::convert(src, dst, n);
+  }
+}
+
+template <typename scalar_t>
+inline void zero_row(scalar_t* dst, int64_t n) {
+  std::fill(dst, dst + n, scalar_t(0));
+}
+
+// The vector of the n (< size) elements at src, the other lanes holding fill.
+template <typename acc_t>
+inline Vectorized<acc_t> load_tail(const acc_t* src, int64_t n, acc_t fill) {
+  return Vectorized<acc_t>::set(Vectorized<acc_t>(fill), Vectorized<acc_t>::loadu(src, n), n);
+}
+
+template <typename acc_t>
+inline acc_t reduce_sum(const Vectorized<acc_t>& x) {
+  return at::vec::vec_reduce_all<acc_t>(
+      [](Vectorized<acc_t>& a, Vectorized<acc_t>& b) { return a + b; }, x);
+}
+
+template <typename acc_t>
+inline acc_t reduce_max(const Vectorized<acc_t>& x) {
+  return at::vec::vec_reduce_all<acc_t>(
+      [](Vectorized<acc_t>& a, Vectorized<acc_t>& b) { return at::vec::maximum(a, b); }, x);
+}
+
+// exp(x) for float32 lanes, inlined (Cephes' expf: exp(r) * 2^n with x = n ln 2 + r,
+// |r| <= ln 2 / 2, relative error about 1 ulp). x < ln(FLT_MIN) gives 0 (no subnormal results),
+// x > 88 is treated as 88 (the kernels only take exp of values <= 0), NaN stays NaN.
+inline Vectorized<float> vexp(const Vectorized<float>& x) {
+  using Vec = Vectorized<float>;
+  const Vec lo(-87.33654475f);
+  const Vec xc = at::vec::clamp_max(x, Vec(88.0f));  // keeps NaN
+  const Vec n = (xc * Vec(1.44269504088896341f)).round();
+  Vec r = at::vec::fmadd(n, Vec(-0.693359375f), xc);  // ln 2 in two parts, the first exact
+  r = at::vec::fmadd(n, Vec(2.12194440e-4f), r);
+  Vec p(1.9875691500e-4f);
+  p = at::vec::fmadd(p, r, Vec(1.3981999507e-3f));
+  p = at::vec::fmadd(p, r, Vec(8.3334519073e-3f));
+  p = at::vec::fmadd(p, r, Vec(4.1665795894e-2f));
+  p = at::vec::fmadd(p, r, Vec(1.6666665459e-1f));
+  p = at::vec::fmadd(p, r, Vec(5.0000001201e-1f));
+  const Vec y = at::vec::fmadd(p, r * r, r + Vec(1.0f));
+  // 2^n from its bit pattern, exact for n in [-126, 127]; below that the blend gives 0.
+  const auto biased = at::vec::convert_to_int_of_same_size(n) + Vectorized<int32_t>(127);
+  const Vec two_n = at::vec::cast<float>(biased << Vectorized<int32_t>(23));
+  return Vec::blendv(y * two_n, Vec(0.0f), x < lo);
+}
+
+inline Vectorized<double> vexp(const Vectorized<double>& x) {
+  return x.map([](double v) { return std::exp(v); });
+}
+
+// Row addressing of a [R0, R1, C] view: row r (row-major over the two leading dims) starts at
+// base + (r / R1) * stride(0) + (r % R1) * stride(1).
+struct RowView {
+  int64_t r1, stride0, stride1;
+  explicit RowView(const at::Tensor& x)
+      : r1(x.size(1)), stride0(x.stride(0)), stride1(x.stride(1)) {}
+  template <typename scalar_t>
+  scalar_t* row(scalar_t* base, int64_t r) const {
+    return base + (r / r1) * stride0 + (r % r1) * stride1;
+  }
+};
+
+// The kernel of one pair over its rows [begin, end).
+using RowTask = std::function<void(int64_t begin, int64_t end)>;
+
+// Runs the tasks of a list of pairs in one at::parallel_for over their rows concatenated (pair i
+// owns counts[i] rows), so that many small pairs cost one parallel region, not one each.
+inline void parallel_over_pairs(const std::vector<RowTask>& tasks,
+                                const std::vector<int64_t>& counts, int64_t elements) {
+  std::vector<int64_t> offsets(tasks.size() + 1, 0);
+  for (size_t i = 0; i < tasks.size(); ++i) {
+    offsets[i + 1] = offsets[i] + counts[i];
+  }
+  const int64_t rows = offsets.back();
+  const int64_t grain = rows == 0 ? 1 : grain_rows(elements / rows);
+  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+    for (size_t i = 0; i < tasks.size(); ++i) {
+      const int64_t lo = std::max(begin, offsets[i]), hi = std::min(end, offsets[i + 1]);
+      if (lo < hi) {
+        tasks[i](lo - offsets[i], hi - offsets[i]);
+      }
+    }
+  });
+}
+
+// mask: a float32 0/1 tensor or none; nullptr stands for "every row valid".
+inline const float* mask_data(const std::optional<at::Tensor>& mask) {
+  if (!mask.has_value()) {
+    return nullptr;
+  }
+  TORCH_CHECK(mask->scalar_type() == at::kFloat && mask->is_contiguous() && mask->is_cpu(),
+              "fastkd native: mask must be a contiguous float32 CPU tensor");
+  return mask->data_ptr<float>();
+}
+
+// A new contiguous tensor of like's shape and dtype for a gradient. On Linux its memory is marked
+// for transparent huge pages before the kernel first writes it: a large fresh allocation otherwise
+// costs one page fault per 4 KiB, as much time as the kernel's own work.
+inline at::Tensor empty_grad(const at::Tensor& like) {
+  at::Tensor grad = at::empty(like.sizes(), like.options());
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHugePage = uintptr_t(1) << 21;
+  const auto begin = reinterpret_cast<uintptr_t>(grad.data_ptr());
+  const uintptr_t first = (begin + kHugePage - 1) & ~(kHugePage - 1);
+  const uintptr_t last = (begin + grad.nbytes()) & ~(kHugePage - 1);
+  if (last > first) {
+    madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);  // a hint: result ignored
+  }
+#endif
+  return grad;
+}
+
+// Per-pair rows ([n]) or stats ([2, n]) of a list of pairs, concatenated along the last dim;
+// float64 when any piece is.
+inline at::Tensor concat_rows(const std::vector<at::Tensor>& pieces) {
+  if (pieces.size() == 1) {
+    return pieces[0];
+  }
+  int64_t total = 0;
+  bool float64 = false;
+  for (const auto& piece : pieces) {
+    total += piece.size(-1);
+    float64 = float64 || piece.scalar_type() == at::kDouble;
+  }
+  std::vector<int64_t> sizes = pieces[0].sizes().vec();
+  sizes.back() = total;
+  at::Tensor out = at::empty(sizes, pieces[0].options().dtype(float64 ? at::kDouble : at::kFloat));
+  int64_t offset = 0;
+  for (const auto& piece : pieces) {
+    out.narrow(-1, offset, piece.size(-1)).copy_(piece);
+    offset += piece.size(-1);
+  }
+  return out;
+}
+
+inline void check_input(const at::Tensor& x, int64_t dim, const char* name) {
+  TORCH_CHECK(x.is_cpu(), "fastkd native: ", name, " must be a CPU tensor");
+  TORCH_CHECK(x.dim() == dim, "fastkd native: ", name, " must have ", dim, " dims, got ",
+              x.dim());
+  TORCH_CHECK(x.size(-1) <= 1 || x.stride(-1) == 1, "fastkd native: ", name,
+              " must have a last dim of stride 1");
+}
+
+inline void check_pairs(const at::TensorList& students, const at::TensorList& teachers,
+                        int64_t dim) {
+  TORCH_CHECK(!students.empty() && students.size() == teachers.size(),
+              "fastkd native: students and teachers must be non-empty lists of equal length");
+  for (size_t i = 0; i < students.size(); ++i) {
+    check_input(students[i], dim, "student");
+    check_input(teachers[i], dim, "teacher");
+  }
+}
+
+// Online softmax KL over one row of teacher scores a and student scores b (already scaled):
+//   p = softmax(a), q = softmax(b), kl = sum_k p_k (log p_k - log q_k).
+// It keeps the running maxima m_a, m_b and, relative to them,
+//   z_a = sum exp(a - m_a),  z_b = sum exp(b - m_b),  w = sum exp(a - m_a) (a - b),
+// rescaling all three by exp(m_old - m_new) when a block raises a maximum, so that each element is
+// read once. Then kl = w / z_a - lse_a + lse_b = w / z_a + (m_b - m_a) + log z_b - log z_a.
+// Entries with a = -inf (or exp(a - m_a) = 0) contribute 0 to w; a block can mark an entry as
+// excluded from both softmaxes by setting a and b to -inf there.
+template <typename acc_t>
+struct SoftmaxKL {
+  using Vec = Vectorized<acc_t>;
+  static constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
+
+  acc_t m_a = kNegInf, m_b = kNegInf, z_a = 0, z_b = 0, w = 0;
+
+  // Adds n entries: a_k = scale * a_raw[k], b_k = scale * b_raw[k] (scale > 0).
+  void add(const acc_t* a_raw, const acc_t* b_raw, int64_t n, acc_t scale) {
+    Vec max_a(kNegInf), max_b(kNegInf);
+    int64_t k = 0;
+    for (; k + Vec::size() <= n; k += Vec::size()) {
+      max_a = at::vec::clamp_min(Vec::loadu(a_raw + k), max_a);
+      max_b = at::vec::clamp_min(Vec::loadu(b_raw + k), max_b);
+    }
+    if (k < n) {
+      max_a = at::vec::clamp_min(load_tail(a_raw + k, n - k, kNegInf), max_a);
+      max_b = at::vec::clamp_min(load_tail(b_raw + k, n - k, kNegInf), max_b);
+    }
+    // scale > 0, so the maximum of the scaled values is the scaled maximum, rounding included.
+    const acc_t new_a = std::max(m_a, reduce_max(max_a) * scale);
+    const acc_t new_b = std::max(m_b, reduce_max(max_b) * scale);
+    // exp(scale * x - shift) as one fused multiply-add; w is summed unscaled, scaled below.
+    const Vec neg_shift_a(new_a == kNegInf ? acc_t(0) : -new_a);
+    const Vec neg_shift_b(new_b == kNegInf ? acc_t(0) : -new_b);
+    const Vec vscale(scale), zero(0);
+    Vec sum_a(0), sum_b(0), sum_w(0);
+    auto accumulate = [&](const Vec& a, const Vec& b) {
+      const Vec e_a = vexp(at::vec::fmadd(a, vscale, neg_shift_a));
+      sum_a = sum_a + e_a;
+      sum_b = sum_b + vexp(at::vec::fmadd(b, vscale, neg_shift_b));
+      sum_w = at::vec::fmadd(e_a, Vec::blendv(a - b, zero, e_a == zero), sum_w);
+    };
+    for (k = 0; k + Vec::size() <= n; k += Vec::size()) {
+      prefetch_next_block(a_raw + k);
+      prefetch_next_block(b_raw + k);
+      accumulate(Vec::loadu(a_raw + k), Vec::loadu(b_raw + k));
+    }
+    if (k < n) {
+      accumulate(load_tail(a_raw + k, n - k, kNegInf), load_tail(b_raw + k, n - k, kNegInf));
+    }
+    const acc_t rescale_a = m_a == kNegInf ? acc_t(0) : std::exp(m_a - new_a);
+    const acc_t rescale_b = m_b == kNegInf ? acc_t(0) : std::exp(m_b - new_b);
+    z_a = z_a * rescale_a + reduce_sum(sum_a);
+    w = w * rescale_a + scale * reduce_sum(sum_w);
+    z_b = z_b * rescale_b + reduce_sum(sum_b);
+    m_a = new_a;
+    m_b = new_b;
+  }
+
+  // Whether some entry of a was kept (finite maximum).
+  bool any() const { return m_a != kNegInf; }
+  // The log-sum-exps in float64: a float32 lse would be off by half an ulp of |a|, and every
+  // exp(a - lse) of the backward pass with it.
+  double lse_a() const { return static_cast<double>(m_a) + std::log(static_cast<double>(z_a)); }
+  double lse_b() const { return static_cast<double>(m_b) + std::log(static_cast<double>(z_b)); }
+  acc_t kl() const { return w / z_a + (m_b - m_a) + std::log(z_b) - std::log(z_a); }
+};
+
+// A float64 lse as hi + lo, both acc_t: x - lse is computed as (x - hi) - lo, which keeps acc_t's
+// precision in exp(x - lse) where |x| is large.
+template <typename acc_t>
+struct SplitLse {
+  acc_t hi, lo;
+  explicit SplitLse(double lse)
+      : hi(static_cast<acc_t>(lse)), lo(static_cast<acc_t>(lse - static_cast<double>(hi))) {}
+};
+
+// Gradient of the softmax KL above with respect to b_raw, for one block:
+//   out_k = g * (q_k - p_k),
+//   q_k = exp(scale * b_raw[k] - lse_b),  p_k = exp(scale * a_raw[k] - lse_a).
+template <typename acc_t>
+inline void softmax_kl_grad(const acc_t* a_raw, const acc_t* b_raw, int64_t n, acc_t scale,
+                            SplitLse<acc_t> lse_a, SplitLse<acc_t> lse_b, acc_t g, acc_t* out) {
+  using Vec = Vectorized<acc_t>;
+  const Vec vscale(scale), vg(g);
+  const Vec hi_a(-lse_a.hi), lo_a(-lse_a.lo), hi_b(-lse_b.hi), lo_b(-lse_b.lo);
+  auto grad = [&](const Vec& a, const Vec& b) {
+    const Vec q = vexp(at::vec::fmadd(b, vscale, hi_b) + lo_b);
+    const Vec p = vexp(at::vec::fmadd(a, vscale, hi_a) + lo_a);
+    return (q - p) * vg;
+  };
+  int64_t k = 0;
+  for (; k + Vec::size() <= n; k += Vec::size()) {
+    prefetch_next_block(a_raw + k);
+    prefetch_next_block(b_raw + k);
+    grad(Vec::loadu(a_raw + k), Vec::loadu(b_raw + k)).store(out + k);
+  }
+  if (k < n) {
+    grad(Vec::loadu(a_raw + k, n - k), Vec::loadu(b_raw + k, n - k)).store(out + k, n - k);
+  }
+}
+
+}  // namespace fastkd
