@@ -1,7 +1,5 @@
 """``python -m fastkd``: the ``fastkd`` command."""
 
-import sys
-
 from fastkd.cli import main
 
 raise SystemExit(main())
