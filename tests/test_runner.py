@@ -6,6 +6,7 @@ Loss values are checked against float64 formulas written here, from the models' 
 from __future__ import annotations
 
 import logging
+import math
 
 import pytest
 import torch
@@ -227,6 +228,29 @@ def test_stage_transitions_and_metric_keys():
     assert runner.finished
     with pytest.raises(RuntimeError, match="ended"):
         runner.step(make_batch())
+
+
+@pytest.mark.parametrize("preset", ["one-stage", "two-stage", "three-stage"])
+@pytest.mark.parametrize("family", ["llama", "bert"])
+def test_every_preset_runs_end_to_end(family, preset):
+    """Each preset on each model family: every stage in order, its own losses only, all finite."""
+    torch.manual_seed(0)
+    teacher, student = (llama(4, 32), llama(2, 16)) if family == "llama" else (bert(4, 32), bert(2, 16))
+    stages = len(PRESET_LOSSES[preset])
+    schedule = Schedule.preset(preset, steps=[2] * stages)
+    records = list(make_runner(student, teacher, schedule).run([make_batch(k) for k in range(20)]))
+    assert [r["stage"] for r in records] == [name for name in ("I", "II", "III")[:stages] for _ in (0, 1)]
+    for r in records:
+        losses = PRESET_LOSSES[preset][("I", "II", "III").index(r["stage"])]
+        assert {k for k in r if k.startswith("loss_")} == {f"loss_{name}" for name in losses}
+        assert all(math.isfinite(r[k]) for k in r if k.startswith("loss"))
+
+
+PRESET_LOSSES = {  # DESIGN.md's table
+    "one-stage": [("hidden", "att", "logit")],
+    "two-stage": [("hidden", "att"), ("logit",)],
+    "three-stage": [("hidden", "att"), ("hidden", "att", "logit"), ("logit",)],
+}
 
 
 class RecordShapes(TorchDispatchMode):
