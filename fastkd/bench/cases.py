@@ -298,33 +298,28 @@ def loss_case(op: str, device: str, size: str) -> Case:
             bytes=3 * n * v * elt,  # read s, t; write grad s
             configs={"liger": LIGER_CONFIGS[op]},
         )
+    if op not in _PAIR_OPS:
+        raise ValueError(f"op: got {op!r}, expected one of {', '.join(LOSS_SIZES)}")
+    make_inputs, torch_fn, fastkd_fn, liger_fn = _PAIR_OPS[op]
     pairs, shape = args
-    numel = _numel(shape)
-    label = f"{pairs} x {list(shape)}"
-    if op == "hidden_mse":
-        return Case(
-            op=op,
-            shape=label,
-            dtype=dtype,
-            device=device,
-            size=size,
-            make_inputs=lambda: _hidden_inputs(pairs, shape, dtype, device),
-            impls=_impls(torch_hidden_mse, fastkd_hidden_mse, None, device),
-            bytes=3 * pairs * numel * elt,
-        )
-    if op == "attention_kl":
-        return Case(
-            op=op,
-            shape=label,
-            dtype=dtype,
-            device=device,
-            size=size,
-            make_inputs=lambda: _attention_inputs(pairs, shape, dtype, device),
-            impls=_impls(torch_attention_kl, fastkd_attention_kl, liger_attention_kl, device),
-            bytes=3 * pairs * numel * elt,
-            configs={"liger": LIGER_CONFIGS[op]},
-        )
-    raise ValueError(f"op: got {op!r}, expected one of {', '.join(LOSS_SIZES)}")
+    return Case(
+        op=op,
+        shape=f"{pairs} x {list(shape)}",
+        dtype=dtype,
+        device=device,
+        size=size,
+        make_inputs=lambda: make_inputs(pairs, shape, dtype, device),
+        impls=_impls(torch_fn, fastkd_fn, liger_fn, device),
+        bytes=3 * pairs * _numel(shape) * elt,  # read s, t; write grad s
+        configs={"liger": LIGER_CONFIGS[op]} if op in LIGER_CONFIGS else {},
+    )
+
+
+# Losses over layer pairs: (inputs, torch, fastkd, liger implementation; None where Liger has none).
+_PAIR_OPS = {
+    "hidden_mse": (_hidden_inputs, torch_hidden_mse, fastkd_hidden_mse, None),
+    "attention_kl": (_attention_inputs, torch_attention_kl, fastkd_attention_kl, liger_attention_kl),
+}
 
 
 def loss_cases(device: str, size: str) -> list[Case]:
