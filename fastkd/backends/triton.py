@@ -187,8 +187,9 @@ def logit_backward(student, teacher, mask, temperature, stats, grad_rows):
 
 # ----------------------------------------------------------------------------------- pair tables
 
-_TABLES: dict[tuple, torch.Tensor] = {}
+_TABLES: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # key -> (device table, its host copy)
 _MAX_TABLES = 256
+_GRAPH_TABLES: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # used in a CUDA-graph capture: kept
 
 
 def _pair_table(entries: list[tuple[int, ...]], device: torch.device) -> torch.Tensor:
@@ -196,18 +197,26 @@ def _pair_table(entries: list[tuple[int, ...]], device: torch.device) -> torch.T
 
     On CUDA the table is copied from pinned memory with ``non_blocking=True`` and cached by content,
     so repeated calls with the same tensors (training loops, CUDA-graph capture after a warm-up) reuse
-    it and never copy during capture.
+    it. A table used while a CUDA graph is being captured is kept for good, with its pinned host
+    copy, since the graph reads it (and may copy it again) at every replay; the others are evicted
+    oldest first beyond ``_MAX_TABLES``.
     """
     key = (str(device), tuple(entries))
-    table = _TABLES.get(key)
-    if table is None:
-        table = torch.tensor(entries, dtype=torch.int64)
+    cached = _GRAPH_TABLES.get(key) or _TABLES.pop(key, None)
+    if cached is None:
+        host = torch.tensor(entries, dtype=torch.int64)
         if device.type == "cuda":
-            table = table.pin_memory().to(device, non_blocking=True)
-        if len(_TABLES) >= _MAX_TABLES:
+            host = host.pin_memory()
+            cached = (host.to(device, non_blocking=True), host)
+        else:
+            cached = (host, host)
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        _GRAPH_TABLES[key] = cached
+    elif key not in _GRAPH_TABLES:
+        _TABLES[key] = cached
+        if len(_TABLES) > _MAX_TABLES:
             _TABLES.pop(next(iter(_TABLES)))
-        _TABLES[key] = table
-    return table
+    return cached[0]
 
 
 def _pair_launches(students, teachers, row_counts, entry):
