@@ -319,9 +319,15 @@ def hidden_backward(students, teachers, mask, grad_rows):
 
 
 @triton.jit
-def _attention_tile(p_entry, p_mask, HAS_MASK: tl.constexpr, BLOCK_R: tl.constexpr):
-    """This program's query rows of one pair: (o_r, m_r, valid, first row, Lk, each row's offset of
-    its batch's mask row). The row mask of row (b, h, i) is mask[b, i]."""
+def _attention_tile(p_table, p_mask, HAS_MASK: tl.constexpr, S_DTYPE: tl.constexpr, T_DTYPE: tl.constexpr,
+                    BLOCK_R: tl.constexpr):
+    """This program's pair (program id 1) and query rows: (pointers to the pair's student, teacher and
+    gradient (0 in the forward), o_r, m_r, valid, first row, Lk, each row's offset of its batch's mask
+    row). The row mask of row (b, h, i) is mask[b, i]."""
+    p_entry = p_table + tl.program_id(1) * 8
+    p_s = tl.load(p_entry + 0).to(tl.pointer_type(S_DTYPE))
+    p_t = tl.load(p_entry + 1).to(tl.pointer_type(T_DTYPE))
+    p_g = tl.load(p_entry + 2).to(tl.pointer_type(S_DTYPE))
     n_rows = tl.load(p_entry + 3)
     rows_per_batch = tl.load(p_entry + 6)
     Lq = tl.load(p_entry + 7)
@@ -331,7 +337,7 @@ def _attention_tile(p_entry, p_mask, HAS_MASK: tl.constexpr, BLOCK_R: tl.constex
     valid = m_r
     if HAS_MASK:
         valid = valid & (tl.load(p_mask + o_mask + o_r % Lq, mask=m_r, other=0.0) != 0)
-    return o_r, m_r, valid, tl.load(p_entry + 4), tl.load(p_entry + 5), o_mask
+    return p_s, p_t, p_g, o_r, m_r, valid, tl.load(p_entry + 4), tl.load(p_entry + 5), o_mask
 
 
 @triton.jit
@@ -351,10 +357,9 @@ def _attention_forward_kernel(
     ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """rows = sum_k p_k (log p_k - log q_k); scores: also stats = (lse_s, lse_t) over kept keys."""
-    p_entry = p_table + tl.program_id(1) * 8
-    o_r, m_r, valid, first_row, Lk, o_mask = _attention_tile(p_entry, p_mask, HAS_MASK, BLOCK_R)
-    p_s = tl.load(p_entry + 0).to(tl.pointer_type(S_DTYPE))
-    p_t = tl.load(p_entry + 1).to(tl.pointer_type(T_DTYPE))
+    p_s, p_t, p_g, o_r, m_r, valid, first_row, Lk, o_mask = _attention_tile(
+        p_table, p_mask, HAS_MASK, S_DTYPE, T_DTYPE, BLOCK_R
+    )
     if SCORES:
         m_s = tl.full([BLOCK_R], float("-inf"), ACC)
         m_t = tl.full([BLOCK_R], float("-inf"), ACC)
@@ -393,11 +398,9 @@ def _attention_backward_kernel(
     ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """probs: grad = grad_rows * (-p / q) where p > 0 and q >= TINY; scores: grad_rows * (q - p)."""
-    p_entry = p_table + tl.program_id(1) * 8
-    o_r, m_r, valid, first_row, Lk, o_mask = _attention_tile(p_entry, p_mask, HAS_MASK, BLOCK_R)
-    p_s = tl.load(p_entry + 0).to(tl.pointer_type(S_DTYPE))
-    p_t = tl.load(p_entry + 1).to(tl.pointer_type(T_DTYPE))
-    p_g = tl.load(p_entry + 2).to(tl.pointer_type(S_DTYPE))
+    p_s, p_t, p_g, o_r, m_r, valid, first_row, Lk, o_mask = _attention_tile(
+        p_table, p_mask, HAS_MASK, S_DTYPE, T_DTYPE, BLOCK_R
+    )
     b_scale = tl.load(p_grad_rows + first_row + o_r, mask=valid, other=0.0).to(ACC)  # [BLOCK_R]
     if SCORES:
         lse_s_hi, lse_s_lo = _load_lse(p_stats + first_row + o_r, m_r, ACC)
