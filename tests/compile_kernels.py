@@ -1,0 +1,125 @@
+"""Compile every Triton kernel of fastkd for a CUDA GPU, on a machine that has none.
+
+    python tests/compile_kernels.py 90 80        (the compute capabilities to compile for)
+
+The losses' public functions run forward and backward on CPU tensors, over the dtypes, masks, kinds
+and tile shapes their launchers specialise on, with the ``"triton"`` backend selected and Triton's
+launch replaced by a compile-only one aimed at each architecture: Triton's own compiler and PTX
+assembler (shipped in its wheel) turn each kernel into a cubin, and nothing runs. This finds what the
+interpreter cannot: code that the interpreter accepts and the GPU compiler rejects. Prints one JSON
+line per compiled kernel variant ``{"arch", "kernel", "constants", "cubin_bytes"}``; a compile error
+is raised (exit status 1). Run it without ``TRITON_INTERPRET``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import sys
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.backends.driver import DriverBase
+from triton.runtime import driver
+from triton.runtime.jit import JITFunction
+
+import fastkd
+from fastkd import _backend
+
+
+class CompileOnlyDriver(DriverBase):
+    """Triton's view of a CUDA device of compute capability ``arch``: a target, no device."""
+
+    def __init__(self, arch: int):
+        super().__init__()
+        self.arch = arch
+
+    @classmethod
+    def is_active(cls):
+        return True
+
+    def get_current_target(self):
+        return GPUTarget("cuda", self.arch, 32)
+
+    def get_current_device(self):
+        return self.arch  # Triton keeps one kernel cache per device: one per architecture here
+
+    def get_current_stream(self, device=None):
+        return 0
+
+    def get_active_torch_device(self):
+        return torch.device("cpu")
+
+    def map_python_to_cpp_type(self, ty):
+        raise NotImplementedError("compile only")
+
+    def get_benchmarker(self):
+        raise NotImplementedError("compile only")
+
+
+def compile_only(compiled: list):
+    """A ``JITFunction.run`` that compiles (Triton's ``warmup``) and records the kernel, launching nothing."""
+    run = JITFunction.run
+
+    def compile_and_record(self, *args, grid, warmup, **kwargs):
+        kernel = run(self, *args, grid=grid, warmup=True, **kwargs)
+        constants = {k: str(v) for k, v in kwargs.items()}
+        compiled.append((self.fn.__name__, constants, len(kernel.asm["cubin"])))
+        return kernel
+
+    return compile_and_record
+
+
+DTYPE_PAIRS = [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16),
+               (torch.bfloat16, torch.float32), (torch.float64, torch.float64)]
+# (loss, its options): V=100 puts several rows in a program, V=5000 and D=5000 one row over blocks
+LOSSES = [("logit_kl", {"vocab": 100}), ("logit_kl", {"vocab": 5000}), ("hidden_mse", {}),
+          ("attention_kl", {"kind": "probs"}), ("attention_kl", {"kind": "scores"})]
+
+
+def run_loss(loss: str, s_dtype: torch.dtype, t_dtype: torch.dtype, masked: bool, vocab=None, kind=None) -> None:
+    """One loss, forward and backward, on small CPU tensors of the given dtypes."""
+    if loss == "logit_kl":
+        shapes, mask_shape = [(2, 3, vocab)], (2, 3)
+    elif loss == "hidden_mse":
+        shapes, mask_shape = [(2, 3, 40), (2, 3, 5000)], (2, 3)
+    else:
+        shapes, mask_shape = [(2, 2, 7, 7)], (2, 7)
+    s = [torch.rand(shape, dtype=s_dtype, requires_grad=True) for shape in shapes]
+    t = [torch.rand(shape, dtype=t_dtype) for shape in shapes]
+    mask = torch.ones(mask_shape, dtype=torch.bool) if masked else None
+    if loss == "logit_kl":
+        value = fastkd.logit_kl(s[0], t[0], temperature=2.0, mask=mask)
+    elif loss == "hidden_mse":
+        value = fastkd.hidden_mse(s, t, mask=mask)
+    else:
+        value = fastkd.attention_kl(s, t, kind=kind, mask=mask)
+    value.backward()
+
+
+def main(archs: list[int]) -> None:
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        raise SystemExit("compile_kernels.py compiles for a GPU: run it without TRITON_INTERPRET=1")
+    compiled: list = []
+    JITFunction.run = compile_only(compiled)
+    _backend.triton_interpreted = lambda: True  # lets the "triton" backend take CPU tensors
+    fastkd.set_backend("triton")
+    for arch in archs:
+        driver.set_active(CompileOnlyDriver(arch))
+        for (loss, options), (s_dtype, t_dtype), masked in itertools.product(LOSSES, DTYPE_PAIRS, (False, True)):
+            try:
+                run_loss(loss, s_dtype, t_dtype, masked, **options)
+            except Exception:
+                print(f"while compiling {loss} {options} {s_dtype}/{t_dtype} mask={masked} for sm_{arch}:",
+                      file=sys.stderr)
+                raise
+        for kernel, constants, cubin_bytes in compiled:
+            print(json.dumps({"arch": arch, "kernel": kernel, "constants": constants, "cubin_bytes": cubin_bytes}))
+        compiled.clear()
+    print(f"triton {triton.__version__}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main([int(arch) for arch in sys.argv[1:]])

@@ -1,0 +1,75 @@
+"""The Triton kernels compile for the GPUs they are meant for (sm_80: A100, sm_90: H100), checked on a
+machine without one: ``tests/compile_kernels.py`` runs in a subprocess, outside the interpreter."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+import fastkd
+
+pytest.importorskip("triton")
+
+from fastkd.backends import triton as triton_backend  # noqa: E402
+
+TESTS = pathlib.Path(__file__).parent
+ARCHS = (80, 90)
+
+
+def run_uninterpreted(args: list[str]) -> subprocess.CompletedProcess:
+    """``python *args`` with this process's fastkd on the path and Triton's interpreter off."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(pathlib.Path(fastkd.__file__).parents[1]), str(TESTS)])
+    return subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_every_kernel_compiles_for_each_architecture():
+    result = run_uninterpreted([str(TESTS / "compile_kernels.py"), *map(str, ARCHS)])
+    assert result.returncode == 0, result.stderr[-6000:]
+    compiled = [json.loads(line) for line in result.stdout.splitlines()]
+    kernels = {name for name in vars(triton_backend) if name.endswith("_kernel")}
+    assert len(kernels) == 5
+    for arch in ARCHS:
+        of_arch = [entry for entry in compiled if entry["arch"] == arch]
+        assert {entry["kernel"] for entry in of_arch} == kernels
+        assert all(entry["cubin_bytes"] > 0 for entry in of_arch)
+        # every specialisation the launchers use: both directions and masks, all accumulator dtypes
+        assert {entry["constants"]["ACC"] for entry in of_arch} == {"fp32", "fp64"}
+        assert {entry["constants"]["HAS_MASK"] for entry in of_arch} == {"True", "False"}
+        assert {entry["constants"].get("BACKWARD") for entry in of_arch} >= {"True", "False"}
+        assert {entry["constants"].get("SCORES") for entry in of_arch} >= {"True", "False"}
+
+
+def test_a_kernel_the_gpu_compiler_rejects_fails_the_check(tmp_path):
+    """A variable of two types on the two sides of a runtime branch: the interpreter runs it, the
+    compiler does not; the compile-only launch must raise."""
+    script = textwrap.dedent(
+        """
+        import torch, triton, triton.language as tl
+        from triton.runtime import driver
+        from triton.runtime.jit import JITFunction
+        from compile_kernels import CompileOnlyDriver, compile_only
+
+        @triton.jit
+        def two_types(p, n):
+            if n > 0:
+                x = 1
+            else:
+                x = tl.zeros([4], tl.float32)
+            tl.store(p + tl.arange(0, 4), x)
+
+        JITFunction.run = compile_only([])
+        driver.set_active(CompileOnlyDriver(90))
+        two_types[(1,)](torch.zeros(4), 3)
+        """
+    )
+    (tmp_path / "two_types.py").write_text(script)
+    result = run_uninterpreted([str(tmp_path / "two_types.py")])
+    assert result.returncode != 0
+    assert "CompilationError" in result.stderr
