@@ -13,6 +13,8 @@ import os
 
 import torch
 
+from fastkd._validation import check_choice
+
 BACKENDS = ("auto", "torch", "triton", "native")
 
 _selected: str | None = None
@@ -20,9 +22,7 @@ _TRITON_INSTALLED = importlib.util.find_spec("triton") is not None  # once: torc
 
 
 def _check_name(name: object) -> str:
-    if not isinstance(name, str) or name not in BACKENDS:
-        raise ValueError(f"backend: got {name!r}, expected one of {', '.join(BACKENDS)}")
-    return name
+    return check_choice("backend", name, BACKENDS)
 
 
 def set_backend(name: str) -> None:

@@ -4,23 +4,24 @@ what it got and what it expected, before any kernel runs. Nothing here reads dev
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Collection
+from typing import TypeVar
 
 import torch
 
 REDUCTIONS = ("mean", "sum", "none")
+Choice = TypeVar("Choice")
 
 
-def check_reduction(reduction: object) -> str:
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction: got {reduction!r}, expected one of {', '.join(map(repr, REDUCTIONS))}")
-    return reduction
-
-
-def check_choice(name: str, value: object, choices: Sequence[str]) -> str:
+def check_choice(name: str, value: object, choices: Collection[Choice]) -> Choice:
+    """``value`` if it is one of ``choices``, else a ValueError naming the argument ``name``."""
     if value not in choices:
         raise ValueError(f"{name}: got {value!r}, expected one of {', '.join(map(repr, choices))}")
     return value
+
+
+def check_reduction(reduction: object) -> str:
+    return check_choice("reduction", reduction, REDUCTIONS)
 
 
 def check_float_tensor(name: str, x: object) -> torch.Tensor:
@@ -84,6 +85,14 @@ def as_pair_lists(student: object, teacher: object) -> tuple[list[torch.Tensor],
     if len(student) == 0:
         raise ValueError("student: expected at least one layer pair, got an empty sequence")
     return list(student), list(teacher), True
+
+
+def check_one_device(students: list[torch.Tensor]) -> torch.device:
+    """The device of every layer of ``student`` (a sequence of layer pairs lies on one device)."""
+    device = students[0].device
+    if any(s.device != device for s in students):
+        raise ValueError(f"student: layers lie on several devices: {sorted({str(s.device) for s in students})}")
+    return device
 
 
 def check_mask(mask: object, shape: torch.Size, device: torch.device, what: str) -> torch.Tensor | None:

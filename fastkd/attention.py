@@ -12,7 +12,14 @@ import torch
 from fastkd import _backend
 from fastkd._layout import acc_dtype
 from fastkd._reduction import reduce_rows
-from fastkd._validation import as_pair_lists, check_choice, check_mask, check_pair, check_reduction
+from fastkd._validation import (
+    as_pair_lists,
+    check_choice,
+    check_mask,
+    check_one_device,
+    check_pair,
+    check_reduction,
+)
 
 KINDS = ("probs", "scores")
 
@@ -101,9 +108,7 @@ def attention_kl(student, teacher, *, mask: torch.Tensor | None = None, kind: st
         check_pair(s, t, what="key length", exact_dim=4)
     kind = check_choice("kind", kind, KINDS)
     reduction = check_reduction(reduction)
-    device = students[0].device
-    if any(s.device != device for s in students):
-        raise ValueError(f"student: layers lie on several devices: {sorted({str(s.device) for s in students})}")
+    device = check_one_device(students)
     mask_rows = None
     for batch, _, lq, lk in dict.fromkeys(tuple(s.shape) for s in students):
         mask_rows = check_mask(mask, torch.Size((batch, lq)), device, "[batch, query length]")

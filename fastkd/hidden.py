@@ -14,7 +14,7 @@ import torch
 from fastkd import _backend
 from fastkd._layout import acc_dtype, rows_view
 from fastkd._reduction import reduce_rows
-from fastkd._validation import as_pair_lists, check_mask, check_pair, check_reduction
+from fastkd._validation import as_pair_lists, check_mask, check_one_device, check_pair, check_reduction
 
 
 @torch.library.custom_op("fastkd::hidden_mse_rows", mutates_args=())
@@ -90,9 +90,7 @@ def hidden_mse(student, teacher, *, mask: torch.Tensor | None = None, reduction:
     for s, t in zip(students, teachers):
         check_pair(s, t, what="hidden width")
     reduction = check_reduction(reduction)
-    device = students[0].device
-    if any(s.device != device for s in students):
-        raise ValueError(f"student: layers lie on several devices: {sorted({str(s.device) for s in students})}")
+    device = check_one_device(students)
     leading = [tuple(s.shape[:-1]) for s in students]
     mask_rows = None
     for shape in dict.fromkeys(leading):

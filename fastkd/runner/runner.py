@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 import fastkd
+from fastkd._validation import check_choice, check_temperature
 from fastkd.fused_linear import fused_linear_kl
 from fastkd.runner import checkpoint
 from fastkd.runner.graphs import StageGraph, make_capturable, log
@@ -87,8 +88,7 @@ class StageRunner:
             raise TypeError(f"schedule: expected a fastkd.Schedule, got {type(schedule).__name__}")
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer: expected a torch.optim.Optimizer, got {type(optimizer).__name__}")
-        if cuda_graphs not in ("auto", True, False):
-            raise ValueError(f"cuda_graphs: got {cuda_graphs!r}, expected 'auto', True or False")
+        check_choice("cuda_graphs", cuda_graphs, ("auto", True, False))
         for name, value in (("checkpoint_every", checkpoint_every), ("pad_to", pad_to)):
             if value is not None and (not isinstance(value, int) or value <= 0):
                 raise ValueError(f"{name}: expected a positive int or None, got {value!r}")
@@ -98,7 +98,7 @@ class StageRunner:
         self.teacher = as_adapter(teacher, "teacher")
         self.schedule = schedule
         self.optimizer = optimizer
-        self.temperature = _check_temperature(temperature)
+        self.temperature = check_temperature(temperature)
         self.layer_map = resolve_layer_map(layer_map, self.student.num_layers, self.teacher.num_layers)
         self.checkpoint_dir = checkpoint_dir
         self.checkpoint_every = checkpoint_every
@@ -335,11 +335,3 @@ class StageRunner:
         if stage_end or periodic:
             os.makedirs(self.checkpoint_dir, exist_ok=True)
             self.save(os.path.join(self.checkpoint_dir, "latest.pt"))
-
-
-def _check_temperature(temperature: object) -> float:
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
-        raise TypeError(f"temperature: expected a float, got {type(temperature).__name__}")
-    if not temperature > 0 or temperature == float("inf"):
-        raise ValueError(f"temperature: expected a finite number > 0, got {temperature!r}")
-    return float(temperature)

@@ -20,6 +20,8 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
 
+from fastkd._validation import check_choice
+
 LOSSES = ("hidden", "att", "logit")
 
 PRESETS: dict[str, tuple[tuple[str, ...], ...]] = {
@@ -102,9 +104,7 @@ class Schedule:
         ``steps`` gives one step count per stage; ``weights`` (default 1.0 each) the weight of each
         loss wherever a stage uses it.
         """
-        if name not in PRESETS:
-            raise ValueError(f"name: got {name!r}, expected one of {', '.join(map(repr, PRESETS))}")
-        layout = PRESETS[name]
+        layout = PRESETS[check_choice("name", name, PRESETS)]
         if isinstance(steps, int) or not isinstance(steps, Sequence):
             raise TypeError(f"steps: expected a sequence of {len(layout)} step count(s), got {steps!r}")
         if len(steps) != len(layout):
