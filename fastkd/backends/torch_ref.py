@@ -51,9 +51,9 @@ def hidden_backward(students, teachers, mask, grad_rows):
     """d rows / d s = 2 (s - t) / D, times grad_rows; 0 on masked rows."""
     grads, offset = [], 0
     for s, t in zip(students, teachers):
+        acc = acc_dtype(s, t)
         grad = torch.empty(s.shape, dtype=s.dtype, device=s.device)
         for start, cols, i in _row_blocks(s):
-            acc = acc_dtype(s, t)
             diff = s[i, cols].to(acc) - t[i, cols].to(acc)
             n = diff.shape[0]
             valid = _block_mask(mask, start, n, s)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -109,7 +110,7 @@ def chart(results: dict[str, Any], path: Path) -> None:
         ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}x"))
         ax.xaxis.set_minor_formatter(NullFormatter())
         for y, value in enumerate(values):
-            if value == value:
+            if not math.isnan(value):
                 ax.text(value, y, f" {value:.2f}x", va="center", fontsize=8)
     axes[0].set_yticks(range(len(rows)), labels, fontsize=8)
     axes[0].invert_yaxis()
