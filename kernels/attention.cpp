@@ -258,6 +258,9 @@ std::vector<at::Tensor> attention_backward(at::TensorList students, at::TensorLi
           const s_t* s_row = s_base + r * cols;
           const t_t* t_row = t_base + r * cols;
           const acc_t* row_bias = bias.empty() ? nullptr : bias.data() + pair.batch_of(r) * cols;
+          // Only kind "scores" has stats (the lse of the row's kept keys).
+          const SplitLse<acc_t> row_lse_t(scores ? lse_t[r] : 0.0);
+          const SplitLse<acc_t> row_lse_s(scores ? lse_s[r] : 0.0);
           for (int64_t c = 0; c < cols; c += kBlock) {
             const int64_t n = std::min(kBlock, cols - c);
             const acc_t* t = load_block(t_row + c, n, buf_t);
@@ -266,8 +269,7 @@ std::vector<at::Tensor> attention_backward(at::TensorList students, at::TensorLi
             if (scores) {
               keep_keys(t, s, row_bias == nullptr ? nullptr : row_bias + c, n, lowest_t,
                         lowest_s, kept_t, kept_s);
-              softmax_kl_grad(kept_t, kept_s, n, acc_t(1), SplitLse<acc_t>(lse_t[r]),
-                              SplitLse<acc_t>(lse_s[r]), g[r], out);
+              softmax_kl_grad(kept_t, kept_s, n, acc_t(1), row_lse_t, row_lse_s, g[r], out);
             } else {
               probs_kl_grad(t, s, n, g[r], out);
             }

@@ -7,8 +7,6 @@
 namespace fastkd {
 namespace {
 
-int64_t row_count(const at::Tensor& x) { return x.size(0) * x.size(1); }
-
 // Sum of (s - t)^2 over a row of cols elements.
 template <typename acc_t, typename s_t, typename t_t>
 acc_t squared_distance(const s_t* s_row, const t_t* t_row, int64_t cols, acc_t* buf_s,

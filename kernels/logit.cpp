@@ -13,7 +13,7 @@ std::tuple<at::Tensor, at::Tensor> logit_forward(const at::Tensor& student,
                                                  double temperature) {
   check_input(student, 3, "student");
   check_input(teacher, 3, "teacher");
-  const int64_t count = student.size(0) * student.size(1), cols = student.size(2);
+  const int64_t count = row_count(student), cols = student.size(2);
   const auto acc = student.options().dtype(acc_scalar_type(student, teacher));
   at::Tensor rows = at::empty({count}, acc);
   at::Tensor stats = at::empty({2, count}, student.options().dtype(at::kDouble));
@@ -55,7 +55,7 @@ at::Tensor logit_backward(const at::Tensor& student, const at::Tensor& teacher,
                           const at::Tensor& stats, const at::Tensor& grad_rows) {
   check_input(student, 3, "student");
   check_input(teacher, 3, "teacher");
-  const int64_t count = student.size(0) * student.size(1), cols = student.size(2);
+  const int64_t count = row_count(student), cols = student.size(2);
   const auto acc = acc_scalar_type(student, teacher);
   const at::Tensor lse = stats.to(at::kDouble).contiguous();
   const at::Tensor g_rows = grad_rows.to(acc).contiguous();
@@ -83,12 +83,13 @@ at::Tensor logit_backward(const at::Tensor& student, const at::Tensor& teacher,
         }
         const s_t* s_row = s_rows.row(s_base, r);
         const t_t* t_row = t_rows.row(t_base, r);
+        const SplitLse<acc_t> row_lse_t(lse_t[r]), row_lse_s(lse_s[r]);
+        const acc_t row_g = g[r] * t;
         for (int64_t c = 0; c < cols; c += kBlock) {
           const int64_t n = std::min(kBlock, cols - c);
           acc_t* out = out_block<acc_t>(grad_row + c, buf_g);
           softmax_kl_grad(load_block(t_row + c, n, buf_t), load_block(s_row + c, n, buf_s), n,
-                          inv_t, SplitLse<acc_t>(lse_t[r]), SplitLse<acc_t>(lse_s[r]),
-                          g[r] * t, out);
+                          inv_t, row_lse_t, row_lse_s, row_g, out);
           store_block(out, grad_row + c, n);
         }
       }

@@ -12,6 +12,7 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
+#include <ATen/ops/cat.h>
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
@@ -178,6 +179,9 @@ struct RowView {
   }
 };
 
+// Rows of a [R0, R1, C] view.
+inline int64_t row_count(const at::Tensor& x) { return x.size(0) * x.size(1); }
+
 // The kernel of one pair over its rows [begin, end).
 using RowTask = std::function<void(int64_t begin, int64_t end)>;
 
@@ -231,24 +235,7 @@ inline at::Tensor empty_grad(const at::Tensor& like) {
 // Per-pair rows ([n]) or stats ([2, n]) of a list of pairs, concatenated along the last dim;
 // float64 when any piece is.
 inline at::Tensor concat_rows(const std::vector<at::Tensor>& pieces) {
-  if (pieces.size() == 1) {
-    return pieces[0];
-  }
-  int64_t total = 0;
-  bool float64 = false;
-  for (const auto& piece : pieces) {
-    total += piece.size(-1);
-    float64 = float64 || piece.scalar_type() == at::kDouble;
-  }
-  std::vector<int64_t> sizes = pieces[0].sizes().vec();
-  sizes.back() = total;
-  at::Tensor out = at::empty(sizes, pieces[0].options().dtype(float64 ? at::kDouble : at::kFloat));
-  int64_t offset = 0;
-  for (const auto& piece : pieces) {
-    out.narrow(-1, offset, piece.size(-1)).copy_(piece);
-    offset += piece.size(-1);
-  }
-  return out;
+  return pieces.size() == 1 ? pieces[0] : at::cat(pieces, -1);
 }
 
 inline void check_input(const at::Tensor& x, int64_t dim, const char* name) {

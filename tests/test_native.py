@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from reference import loss_dtype
 
 import fastkd
 from fastkd import _backend
@@ -26,7 +27,7 @@ from fastkd.backends import native
 pytestmark = pytest.mark.skipif(not native.is_available(), reason="no C++ compiler for the kernels")
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = 1.1754943508222875e-38
+TINY = 1.1754943508222875e-38  # 2**-126 exactly, as kTiny in attention.cpp (reference.TINY is not)
 
 # Student dtype, teacher dtype.
 DTYPES = [
@@ -39,10 +40,6 @@ DTYPES = [
     (torch.float32, torch.float64),
 ]
 DTYPE_IDS = [f"{str(s)[6:]}-{str(t)[6:]}" for s, t in DTYPES]
-
-
-def acc(*xs):
-    return torch.float64 if any(x.dtype == torch.float64 for x in xs) else torch.float32
 
 
 def rtol(dtype):
@@ -157,8 +154,8 @@ def test_hidden_pairs(s_dtype, t_dtype, layout):
     offset = 0
     for s, t, grad in zip(students, teachers, grads):
         want, want_grad = hidden_formula(s, t, mask)
-        assert rows.dtype == acc(s, t)
-        assert_close(rows[offset : offset + rows_per_pair], want, rtol(acc(s, t)), "rows")
+        assert rows.dtype == loss_dtype(s, t)
+        assert_close(rows[offset : offset + rows_per_pair], want, rtol(loss_dtype(s, t)), "rows")
         assert grad.dtype == s.dtype and grad.is_contiguous()
         assert_close(grad, want_grad(grad_rows[offset : offset + rows_per_pair]),
                      rtol(s.dtype), "grad")
@@ -177,8 +174,8 @@ def test_logit(s_dtype, t_dtype, layout):
     mask = random_mask(s.shape[0] * s.shape[1])
     rows, stats = native.logit_forward(s, t, mask, 1.7)
     want, want_stats, want_grad = logit_formula(s, t, mask, 1.7)
-    tol = rtol(acc(s, t))
-    assert rows.dtype == acc(s, t) and stats.dtype == torch.float64
+    tol = rtol(loss_dtype(s, t))
+    assert rows.dtype == loss_dtype(s, t) and stats.dtype == torch.float64
     assert_close(rows, want, tol, "rows")
     assert_close(stats, want_stats, tol, "stats")
     grad_rows = torch.randn(rows.shape, dtype=rows.dtype)
@@ -242,8 +239,8 @@ def test_attention_pairs(s_dtype, t_dtype, kind, masked):
     for s, t, grad in zip(students, teachers, grads):
         count = s.shape[0] * s.shape[1] * s.shape[2]
         want, want_stats, want_grad = attention_formula(s, t, mask, kind)
-        tol = rtol(acc(s, t))
-        assert rows.dtype == acc(s, t) and stats.dtype == torch.float64
+        tol = rtol(loss_dtype(s, t))
+        assert rows.dtype == loss_dtype(s, t) and stats.dtype == torch.float64
         assert_close(rows[offset : offset + count], want, tol, "rows")
         if kind == "scores":
             assert_close(stats[:, offset : offset + count], want_stats, tol, "stats")
