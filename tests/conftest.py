@@ -39,6 +39,24 @@ def device_backend_cases() -> list:
     return cases
 
 
+def compile_cases(auto: bool = False) -> list:
+    """``(device, backend, compiler)`` for ``torch.compile`` tests: inductor for the torch backend
+    on CPU (and for ``auto`` too if asked) and for Triton on CUDA (skipped without CUDA); aot_eager
+    (fake implementations and autograd traced, no code generation) for the other CPU backends,
+    Triton only where it is interpreted."""
+    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+    cases = [pytest.param(("cpu", "torch", "inductor"), id="cpu-torch-inductor")]
+    if auto:
+        cases.append(pytest.param(("cpu", "auto", "inductor"), id="cpu-auto-inductor"))
+    cases += [
+        pytest.param(("cpu", name, "aot_eager"), id=f"cpu-{name}-aot_eager")
+        for name in fastkd.available_backends()
+        if name != "torch" and (name != "triton" or interpreted)
+    ]
+    cases.append(pytest.param(("cuda", "triton", "inductor"), id="cuda-triton-inductor", marks=NEEDS_CUDA))
+    return cases
+
+
 @pytest.fixture(params=device_backend_cases())
 def device(request):
     """The device of a test's inputs; the backend of the case is selected while the test runs."""

@@ -8,26 +8,12 @@ but skips code generation.
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
-from conftest import NEEDS_CUDA
+from conftest import compile_cases
 from reference import assert_close, run_and_compare
 
 import fastkd
-
-
-def compile_cases() -> list:
-    cases = [pytest.param(("cpu", "torch", "inductor"), id="cpu-torch-inductor"),
-             pytest.param(("cpu", "auto", "inductor"), id="cpu-auto-inductor")]
-    if "triton" in fastkd.available_backends() and os.environ.get("TRITON_INTERPRET") == "1":
-        cases.append(pytest.param(("cpu", "triton", "aot_eager"), id="cpu-triton-aot_eager"))
-    if "native" in fastkd.available_backends():
-        cases.append(pytest.param(("cpu", "native", "aot_eager"), id="cpu-native-aot_eager"))
-    cases.append(pytest.param(("cuda", "triton", "inductor"), id="cuda-triton-inductor",
-                              marks=NEEDS_CUDA))
-    return cases
 
 
 def loss_case(name: str, device):
@@ -59,7 +45,7 @@ NAMES = ["hidden_mse", "hidden_pairs", "logit_kl", "attention_probs", "attention
 
 
 @pytest.mark.parametrize("name", NAMES)
-@pytest.mark.parametrize("case", compile_cases())
+@pytest.mark.parametrize("case", compile_cases(auto=True))
 def test_compile_matches_eager(case, name):
     device, backend, compiler = case
     fastkd.set_backend(backend)
@@ -68,11 +54,11 @@ def test_compile_matches_eager(case, name):
         s_list = s if isinstance(s, list) else [s]
         for x in s_list:
             x.requires_grad_()
+
+        def step(students, teachers, mask=None, reduction="mean", **options):
+            return fn(students, teachers, mask=mask, reduction=reduction, **options)
+
         for reduction in ("mean", "none"):
-
-            def step(students, teachers, mask=None, reduction="mean", **options):
-                return fn(students, teachers, mask=mask, reduction=reduction, **options)
-
             compiled = torch.compile(step, fullgraph=True, backend=compiler)
             got = compiled(s, t, mask=mask, reduction=reduction, **options)
             want = step(s, t, mask=mask, reduction=reduction, **options)

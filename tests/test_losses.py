@@ -418,10 +418,10 @@ def test_teacher_gets_no_gradient(device, name):
 
 
 MODULES = {
-    "hidden_mse": lambda **options: fastkd.HiddenMSELoss(**options),
-    "logit_kl": lambda **options: fastkd.LogitKLLoss(**options),
-    "attention_probs": lambda **options: fastkd.AttentionKLLoss(**options),
-    "attention_scores": lambda **options: fastkd.AttentionKLLoss(**options),
+    "hidden_mse": fastkd.HiddenMSELoss,
+    "logit_kl": fastkd.LogitKLLoss,
+    "attention_probs": fastkd.AttentionKLLoss,
+    "attention_scores": fastkd.AttentionKLLoss,
 }
 
 

@@ -1,6 +1,7 @@
 """The stage runner on tiny transformers models (and a plain module) on CPU, plus a CUDA-graph test.
 
-Loss values are checked against float64 formulas written here, from the models' own eager outputs.
+Loss values are checked against the float64 formulas of ``reference.reference_loss``, from the models'
+own eager outputs.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from transformers import (  # noqa: E402
 
 from fastkd.runner import Features, ModelAdapter, Schedule, Stage, StageRunner  # noqa: E402
 from fastkd.runner.layer_map import resolve_layer_map  # noqa: E402
+from reference import reference_loss  # noqa: E402
 
 V = 97  # vocabulary: a size no other dimension has
 B, L = 2, 7
@@ -57,6 +59,12 @@ def bert(layers, width, heads=4, cls=BertForMaskedLM):
     return cls(config)
 
 
+def teacher_and_student(family):
+    """A 4-layer, width-32 teacher and a 2-layer, width-16 student of ``family``, built in that order."""
+    build = {"llama": llama, "gpt2": gpt2, "bert": bert}[family]
+    return build(4, 32), build(2, 16)
+
+
 def make_batch(seed=0, labels=False):
     gen = torch.Generator().manual_seed(seed)
     ids = torch.randint(1, V, (B, L), generator=gen)
@@ -74,36 +82,6 @@ def make_runner(student, teacher, schedule, **kwargs):
     module = student.module if isinstance(student, ModelAdapter) else student
     optimizer = torch.optim.AdamW(module.parameters(), lr=1e-2)
     return StageRunner(student, teacher, schedule, optimizer, quiet=True, **kwargs)
-
-
-# ------------------------------------------------------------------------------------------
-# Float64 formulas.
-
-
-def ref_hidden(students, teachers, mask):
-    m = mask.double()
-    per_pair = [((s.double() - t.double()) ** 2).mean(-1).mul(m).sum() / m.sum() for s, t in zip(students, teachers)]
-    return sum(per_pair) / len(per_pair)
-
-
-def ref_att(students, teachers, mask):
-    m = mask.double()
-    per_pair = []
-    for q, p in zip(students, teachers):
-        q, p = q.double(), p.double()
-        terms = torch.where(p > 0, p * (p.log() - q.clamp_min(1.1754944e-38).log()), torch.zeros_like(p))
-        kl = terms.sum(-1)  # [B, H, L]
-        per_pair.append((kl * m[:, None, :]).sum() / (q.shape[1] * m.sum()))
-    return sum(per_pair) / len(per_pair)
-
-
-def ref_logit(s_logits, t_logits, mask, temperature):
-    m = mask.double().reshape(-1)
-    s = s_logits.double().reshape(-1, V) / temperature
-    t = t_logits.double().reshape(-1, V) / temperature
-    p = t.softmax(-1)
-    kl = (p * (t.log_softmax(-1) - s.log_softmax(-1))).sum(-1)
-    return temperature**2 * (kl * m).sum() / m.sum()
 
 
 def eager_outputs(model, batch):
@@ -179,22 +157,24 @@ def test_layer_maps():
 )
 def test_one_stage_losses_match_float64_formulas(family):
     torch.manual_seed(0)
-    build = {"llama": llama, "gpt2": gpt2, "bert": bert}[family]
-    teacher, student = build(4, 32), build(2, 16)
+    teacher, student = teacher_and_student(family)
     batch = make_batch(labels=True)
     temperature = 2.0
     runner = make_runner(student, teacher, Schedule.preset("one-stage", steps=[2]), temperature=temperature)
     proj = [p.weight.detach().clone() for p in runner.projections], [p.bias.detach().clone() for p in runner.projections]
     t_out, s_out = eager_outputs(teacher, batch), eager_outputs(student, batch)
     mask = batch["attention_mask"]
-    hidden = ref_hidden(
+    hidden = reference_loss(
+        "hidden_mse",
         [s_out.hidden_states[i].double() @ w.double().T + b.double() for (i, _), w, b in zip(((0, 0), (1, 2), (2, 4)), *proj)],
         [t_out.hidden_states[j] for j in (0, 2, 4)],
-        mask,
+        mask=mask,
     )
-    att = ref_att([s_out.attentions[i] for i in (0, 1)], [t_out.attentions[j] for j in (1, 3)], mask)
+    att = reference_loss(
+        "attention_kl", [s_out.attentions[i] for i in (0, 1)], [t_out.attentions[j] for j in (1, 3)], mask=mask
+    )
     logit_mask = mask * (batch["labels"] != -100)
-    logit = ref_logit(s_out.logits, t_out.logits, logit_mask, temperature)
+    logit = reference_loss("logit_kl", s_out.logits, t_out.logits, mask=logit_mask, temperature=temperature)
 
     metrics = runner.step(batch)
     assert metrics["loss_hidden"] == pytest.approx(hidden.item(), rel=1e-5)
@@ -209,7 +189,8 @@ def test_bert_head_transform_is_applied():
     teacher, student = bert(2, 32), bert(1, 32)
     batch = make_batch()
     runner = make_runner(student, teacher, Schedule([Stage("logit", {"logit": 1.0}, 1)]), temperature=1.5)
-    expected = ref_logit(eager_outputs(student, batch).logits, eager_outputs(teacher, batch).logits, batch["attention_mask"], 1.5)
+    expected = reference_loss("logit_kl", eager_outputs(student, batch).logits, eager_outputs(teacher, batch).logits,
+                              mask=batch["attention_mask"], temperature=1.5)
     assert runner.step(batch)["loss_logit"] == pytest.approx(expected.item(), rel=1e-4)
 
 
@@ -235,7 +216,7 @@ def test_stage_transitions_and_metric_keys():
 def test_every_preset_runs_end_to_end(family, preset):
     """Each preset on each model family: every stage in order, its own losses only, all finite."""
     torch.manual_seed(0)
-    teacher, student = (llama(4, 32), llama(2, 16)) if family == "llama" else (bert(4, 32), bert(2, 16))
+    teacher, student = teacher_and_student(family)
     stages = len(PRESET_LOSSES[preset])
     schedule = Schedule.preset(preset, steps=[2] * stages)
     records = list(make_runner(student, teacher, schedule).run([make_batch(k) for k in range(20)]))
@@ -284,7 +265,7 @@ def count_calls(modules):
 def test_stage_aware_requests(family):
     """No LM head runs without 'logit'; a logit-only stage builds no attention maps and no hidden-state lists."""
     torch.manual_seed(0)
-    teacher, student = (llama(4, 32), llama(2, 16)) if family == "llama" else (bert(4, 32), bert(2, 16))
+    teacher, student = teacher_and_student(family)
     runner = make_runner(student, teacher, Schedule.preset("two-stage", steps=[1, 1]))
     heads = [m.get_output_embeddings() for m in (student, teacher)]
     if family == "bert":
@@ -330,7 +311,7 @@ def test_attention_maps_are_before_dropout():
     batch = make_batch()
     post = student(**batch, output_attentions=True).attentions[0]
     t_map = eager_outputs(teacher, batch).attentions[1]
-    assert abs(ref_att([post], [t_map], batch["attention_mask"]).item() - losses[0.0]) > 1e-3
+    assert abs(reference_loss("attention_kl", [post], [t_map], mask=batch["attention_mask"]).item() - losses[0.0]) > 1e-3
 
 
 # ------------------------------------------------------------------------------------------
@@ -482,9 +463,11 @@ def test_plain_module_adapter():
     runner = make_runner(TinyAdapter(student), TinyAdapter(teacher), Schedule.preset("one-stage", steps=[2]), temperature=3.0)
     proj = runner.projections
     with torch.no_grad():
-        hidden = ref_hidden([proj[k](s_h[i]) for k, i in enumerate((0, 1, 2))], [t_h[j] for j in (0, 2, 4)], mask)
-    att = ref_att([s_m[0], s_m[1]], [t_m[1], t_m[3]], mask)
-    logit = ref_logit(student.head(s_h[-1]), teacher.head(t_h[-1]), mask, 3.0)
+        hidden = reference_loss(
+            "hidden_mse", [proj[k](s_h[i]) for k, i in enumerate((0, 1, 2))], [t_h[j] for j in (0, 2, 4)], mask=mask
+        )
+    att = reference_loss("attention_kl", [s_m[0], s_m[1]], [t_m[1], t_m[3]], mask=mask)
+    logit = reference_loss("logit_kl", student.head(s_h[-1]), teacher.head(t_h[-1]), mask=mask, temperature=3.0)
     metrics = runner.step(batch)
     assert metrics["loss_hidden"] == pytest.approx(hidden.item(), rel=1e-5)
     assert metrics["loss_att"] == pytest.approx(att.item(), rel=1e-4)
@@ -566,7 +549,7 @@ def test_right_padding_for_static_shapes_changes_no_loss(family):
     metrics = []
     for b in (batch, padded):
         torch.manual_seed(0)
-        teacher, student = (llama(4, 32), llama(2, 16)) if family == "llama" else (bert(4, 32), bert(2, 16))
+        teacher, student = teacher_and_student(family)
         metrics.append(make_runner(student, teacher, Schedule.preset("one-stage", steps=[1]), temperature=2.0).step(b))
     for key in ("loss_hidden", "loss_att", "loss_logit"):
         assert metrics[1][key] == pytest.approx(metrics[0][key], rel=1e-5, abs=1e-8)
