@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from fastkd.bench.cases import select_cases
-from fastkd.bench.harness import peak_memory_mb, run_step
+from fastkd.bench.harness import dtype_name, peak_memory_mb, run_step, sync
 
 DEVICE = os.environ.get("FASTKD_BENCH_DEVICE", "cuda" if torch.cuda.is_available() else "cpu")
 SIZE = os.environ.get("FASTKD_BENCH_SIZE", "default" if DEVICE == "cuda" else "quick")
@@ -34,10 +34,9 @@ def test_forward_backward(benchmark, checked_inputs, case, impl):
 
     def step():
         run_step(case, fn, inputs)
-        if DEVICE == "cuda":
-            torch.cuda.synchronize()
+        sync(DEVICE)
 
-    benchmark.group = f"{case.op} {case.shape} {str(case.dtype).removeprefix('torch.')} {DEVICE}"
+    benchmark.group = f"{case.op} {case.shape} {dtype_name(case.dtype)} {DEVICE}"
     benchmark.extra_info.update(
         op=case.op,
         impl=impl,

@@ -2,7 +2,7 @@
 
 A :class:`Case` is one operation at one size on one device, with the implementations to compare.
 This module defines the cases of the three losses and, at its end, adds the ``CASES`` lists of the
-optional modules ``fastkd.bench.fused_linear_cases`` and ``fastkd.bench.runner_cases``.
+modules ``fastkd.bench.fused_linear_cases`` and ``fastkd.bench.runner_cases``.
 
 Implementations of the losses, each computing forward and (through the harness) backward:
 
@@ -16,8 +16,8 @@ Implementations of the losses, each computing forward and (through the harness) 
 
 from __future__ import annotations
 
-import importlib
 import importlib.util
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -58,15 +58,14 @@ class Case:
         configs: implementation name -> text describing exactly what it runs (shown in the
             results), for implementations whose name alone does not say it.
         reference: the implementation every other one is checked against, and the one speed-ups
-            and memory ratios are relative to. The check runs it on the inputs cast to
-            ``reference_dtype`` (default: float64 on CPU, float32 on CUDA) and accepts an
-            implementation whose loss and gradients (each normalised by the largest reference
-            magnitude) are within ``max(tolerance, 2 * error of the reference in dtype)``.
+            and memory ratios are relative to. The check runs it on the inputs cast to float64
+            on CPU, float32 on CUDA, and accepts an implementation whose loss and gradients (each
+            normalised by the largest reference magnitude) are within
+            ``max(tolerance, 2 * error of the reference in dtype)``.
         backward: whether the harness differentiates the loss (set false for implementations
             that run their own backward, such as a whole training step; their outputs are then
             compared as returned).
         tolerance: the error accepted whatever the reference's own error; default by dtype.
-        reference_dtype: see ``reference``.
     """
 
     op: str
@@ -82,7 +81,6 @@ class Case:
     reference: str = "torch"
     backward: bool = True
     tolerance: float | None = None
-    reference_dtype: torch.dtype | None = None
 
 
 # --------------------------------------------------------------------------------------------
@@ -274,52 +272,40 @@ def _impls(torch_fn, fastkd_fn, liger_fn, device):
     return impls
 
 
-def _numel(shape) -> int:
-    count = 1
-    for dim in shape:
-        count *= dim
-    return count
+# op -> (inputs, torch, fastkd, liger implementation; None where Liger has none). The inputs are
+# built from the op's ``LOSS_SIZES`` shape arguments: ``(N, V)`` for ``logit_kl``, else
+# ``(pairs, shape of each layer)``.
+_LOSS_OPS = {
+    "logit_kl": (_logit_inputs, torch_logit_kl, fastkd_logit_kl, liger_logit_kl),
+    "hidden_mse": (_hidden_inputs, torch_hidden_mse, fastkd_hidden_mse, None),
+    "attention_kl": (_attention_inputs, torch_attention_kl, fastkd_attention_kl, liger_attention_kl),
+}
 
 
 def loss_case(op: str, device: str, size: str) -> Case:
     """The case of one loss (``logit_kl``, ``hidden_mse``, ``attention_kl``) at a named size."""
+    if op not in _LOSS_OPS:
+        raise ValueError(f"op: got {op!r}, expected one of {', '.join(_LOSS_OPS)}")
+    make_inputs, torch_fn, fastkd_fn, liger_fn = _LOSS_OPS[op]
     args, dtype = LOSS_SIZES[op][device][size]
-    elt = torch.empty((), dtype=dtype).element_size()
     if op == "logit_kl":
         n, v = args
-        return Case(
-            op=op,
-            shape=f"N={n} V={v}",
-            dtype=dtype,
-            device=device,
-            size=size,
-            make_inputs=lambda: _logit_inputs(n, v, dtype, device),
-            impls=_impls(torch_logit_kl, fastkd_logit_kl, liger_logit_kl, device),
-            bytes=3 * n * v * elt,  # read s, t; write grad s
-            configs={"liger": LIGER_CONFIGS[op]},
-        )
-    if op not in _PAIR_OPS:
-        raise ValueError(f"op: got {op!r}, expected one of {', '.join(LOSS_SIZES)}")
-    make_inputs, torch_fn, fastkd_fn, liger_fn = _PAIR_OPS[op]
-    pairs, shape = args
+        shape, numel = f"N={n} V={v}", n * v
+    else:
+        pairs, layer_shape = args
+        shape, numel = f"{pairs} x {list(layer_shape)}", pairs * math.prod(layer_shape)
+    elt = torch.empty((), dtype=dtype).element_size()
     return Case(
         op=op,
-        shape=f"{pairs} x {list(shape)}",
+        shape=shape,
         dtype=dtype,
         device=device,
         size=size,
-        make_inputs=lambda: make_inputs(pairs, shape, dtype, device),
+        make_inputs=lambda: make_inputs(*args, dtype, device),
         impls=_impls(torch_fn, fastkd_fn, liger_fn, device),
-        bytes=3 * pairs * _numel(shape) * elt,  # read s, t; write grad s
+        bytes=3 * numel * elt,  # read s, t; write grad s
         configs={"liger": LIGER_CONFIGS[op]} if op in LIGER_CONFIGS else {},
     )
-
-
-# Losses over layer pairs: (inputs, torch, fastkd, liger implementation; None where Liger has none).
-_PAIR_OPS = {
-    "hidden_mse": (_hidden_inputs, torch_hidden_mse, fastkd_hidden_mse, None),
-    "attention_kl": (_attention_inputs, torch_attention_kl, fastkd_attention_kl, liger_attention_kl),
-}
 
 
 def loss_cases(device: str, size: str) -> list[Case]:
@@ -327,17 +313,14 @@ def loss_cases(device: str, size: str) -> list[Case]:
 
 
 # --------------------------------------------------------------------------------------------
-# Cases defined in other modules (each a ``CASES: list[Case]``), added when the module exists.
-
-EXTRA_CASE_MODULES = ("fastkd.bench.fused_linear_cases", "fastkd.bench.runner_cases")
+# Cases defined in other modules (each a ``CASES: list[Case]``).
 
 
 def extra_cases() -> list[Case]:
-    cases: list[Case] = []
-    for name in EXTRA_CASE_MODULES:
-        if importlib.util.find_spec(name) is not None:
-            cases.extend(importlib.import_module(name).CASES)
-    return cases
+    # Imported here: both modules import this one.
+    from fastkd.bench import fused_linear_cases, runner_cases
+
+    return fused_linear_cases.CASES + runner_cases.CASES
 
 
 def select_cases(

@@ -18,7 +18,6 @@ What a row's numbers mean (``benchmarks/NOTES.md`` has the details):
 
 from __future__ import annotations
 
-import ctypes
 import datetime
 import gc
 import importlib.metadata
@@ -34,6 +33,7 @@ from typing import Any
 import torch
 
 from fastkd.bench.cases import Case
+from fastkd.runner.measure import StepMeter, proc_status_kb, reset_cpu_peak
 
 MIN_RUNS = 3  # timed runs per implementation, at least (fewer only if ``reps`` asks for fewer)
 
@@ -85,7 +85,8 @@ def run_step(case: Case, fn: Callable[..., Any], inputs: dict[str, Any]) -> list
     return outputs + list(torch.autograd.grad(outputs[0], grad_inputs(inputs)))
 
 
-def _sync(device: str) -> None:
+def sync(device: str) -> None:
+    """Wait for the device's queued work (CUDA); nothing on CPU."""
     if device == "cuda":
         torch.cuda.synchronize()
 
@@ -119,18 +120,18 @@ def check_case(case: Case, inputs: dict[str, Any], failures: list[str] | None = 
     is appended there instead and the implementation left out of the result. The reference's
     failure always raises.
     """
-    ref_dtype = case.reference_dtype or (torch.float64 if case.device == "cpu" else torch.float32)
+    ref_dtype = torch.float64 if case.device == "cpu" else torch.float32
     expected = [t.detach() for t in run_step(case, case.impls[case.reference], _cast(inputs, ref_dtype))]
     order = [case.reference] + [name for name in case.impls if name != case.reference]
     tolerance = case.tolerance if case.tolerance is not None else TOLERANCE.get(case.dtype, 1e-2)
-    where = f"{case.op} {case.shape} {_dtype_name(case.dtype)} on {case.device}"
+    where = f"{case.op} {case.shape} {dtype_name(case.dtype)} on {case.device}"
     results: dict[str, dict[str, float]] = {}
     for name in order:
         try:
-            _sync(case.device)
+            sync(case.device)
             start = time.perf_counter()
             got = run_step(case, case.impls[name], inputs)
-            _sync(case.device)
+            sync(case.device)
             first_call_ms = (time.perf_counter() - start) * 1e3
             err = max_error(got, expected)
             del got
@@ -144,7 +145,7 @@ def check_case(case: Case, inputs: dict[str, Any], failures: list[str] | None = 
         if not err <= tolerance:
             message = (
                 f"{where}: implementation {name!r} differs from the reference {case.reference!r} "
-                f"(run in {_dtype_name(ref_dtype)}): normalised error {err:.3g} > tolerance {tolerance:.3g}"
+                f"(run in {dtype_name(ref_dtype)}): normalised error {err:.3g} > tolerance {tolerance:.3g}"
             )
             if failures is None or name == case.reference:
                 raise BenchmarkError(message)
@@ -200,33 +201,22 @@ def time_cuda(step: Callable[[], Any], reps: int) -> list[float]:
 
 
 def _proc_status_mb(field: str) -> float:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024  # kB
-    raise RuntimeError(f"/proc/self/status has no {field}")
-
-
-def _release_free_heap() -> None:
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+    kb = proc_status_kb(field)
+    if kb is None:
+        raise RuntimeError(f"/proc/self/status has no {field}")
+    return kb / 1024
 
 
 def peak_memory_mb(step: Callable[[], Any], device: str) -> float:
     """Peak memory of one call of ``step`` above the memory in use before it (see module doc)."""
     gc.collect()
     if device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
+        meter = StepMeter(torch.device(device))
+        meter.start()
         step()
-        torch.cuda.synchronize()
-        return (torch.cuda.max_memory_allocated() - before) / 2**20
-    _release_free_heap()
-    with open("/proc/self/clear_refs", "w") as clear_refs:
-        clear_refs.write("5")  # reset the peak resident set size to the current one
+        return meter.stop()[1]
+    if not reset_cpu_peak():  # returns freed heap memory, resets the peak resident set size
+        raise RuntimeError("cannot reset the peak resident set size through /proc/self/clear_refs")
     before = _proc_status_mb("VmRSS")
     step()
     return _proc_status_mb("VmHWM") - before
@@ -304,7 +294,8 @@ def machine_info(device: str) -> dict[str, Any]:
     return info
 
 
-def _dtype_name(dtype: torch.dtype) -> str:
+def dtype_name(dtype: torch.dtype) -> str:
+    """``"float32"`` for ``torch.float32``."""
     return str(dtype).removeprefix("torch.")
 
 
@@ -342,13 +333,13 @@ def run_cases(
     say(f"measuring the machine ({device}) ...")
     machine["copy_bandwidth_gbs"] = copy_bandwidth_gbs(device)
     flop_dtypes = sorted({case.dtype for case in cases if case.flops}, key=str)
-    machine["matmul_tflops"] = {_dtype_name(d): matmul_tflops(device, d) for d in flop_dtypes}
+    machine["matmul_tflops"] = {dtype_name(d): matmul_tflops(device, d) for d in flop_dtypes}
     say(f"copy bandwidth {machine['copy_bandwidth_gbs']:.1f} GB/s")
 
     results: dict[str, Any] = {"machine": machine, "rows": [], "failures": []}
     failures = results["failures"] if keep_going else None
     for index, case in enumerate(cases, 1):
-        label = f"[{index}/{len(cases)}] {case.op} {case.shape} {_dtype_name(case.dtype)}"
+        label = f"[{index}/{len(cases)}] {case.op} {case.shape} {dtype_name(case.dtype)}"
         say(f"{label}: building inputs, checking {', '.join(case.impls)} against {case.reference}")
         failed_before = len(results["failures"])
         try:
@@ -381,7 +372,7 @@ def _run_case(case, machine, reps, budget_s, progress, label, failures) -> list[
 
     floor_ms = case.bytes / (machine["copy_bandwidth_gbs"] * 1e9) * 1e3
     if case.flops:
-        floor_ms = max(floor_ms, case.flops / (machine["matmul_tflops"][_dtype_name(case.dtype)] * 1e12) * 1e3)
+        floor_ms = max(floor_ms, case.flops / (machine["matmul_tflops"][dtype_name(case.dtype)] * 1e12) * 1e3)
     ref_ms = statistics.median(times[case.reference])
     ref_mb = peaks[case.reference]
     rows = []
@@ -396,7 +387,7 @@ def _run_case(case, machine, reps, budget_s, progress, label, failures) -> list[
                 "impl": name,
                 "config": config,
                 "device": case.device,
-                "dtype": _dtype_name(case.dtype),
+                "dtype": dtype_name(case.dtype),
                 "shape": case.shape,
                 "size": case.size,
                 "time_ms": time_ms,

@@ -41,7 +41,7 @@ def fix_mmap_threshold(nbytes: int = 1 << 20) -> bool:
     return bool(_LIBC.mallopt(_M_MMAP_THRESHOLD, nbytes))
 
 
-def _proc_status_kb(field: str) -> int | None:
+def proc_status_kb(field: str) -> int | None:
     try:
         with open("/proc/self/status") as f:
             match = re.search(rf"^{field}:\s+(\d+) kB", f.read(), re.MULTILINE)
@@ -50,7 +50,7 @@ def _proc_status_kb(field: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def _reset_cpu_peak() -> bool:
+def reset_cpu_peak() -> bool:
     if _LIBC is not None and hasattr(_LIBC, "malloc_trim"):
         _LIBC.malloc_trim(0)
     try:
@@ -76,8 +76,8 @@ class StepMeter:
             torch.cuda.reset_peak_memory_stats(self.device)
             self._base = torch.cuda.memory_allocated(self.device)
         else:
-            self._cpu_ok = _reset_cpu_peak()
-            self._base = _proc_status_kb("VmRSS") or 0
+            self._cpu_ok = reset_cpu_peak()
+            self._base = proc_status_kb("VmRSS") or 0
         self._t0 = time.perf_counter()
 
     def stop(self) -> tuple[float, float]:
@@ -87,7 +87,7 @@ class StepMeter:
             peak = (torch.cuda.max_memory_allocated(self.device) - self._base) / 2**20
             return seconds, peak
         seconds = time.perf_counter() - self._t0
-        hwm = _proc_status_kb("VmHWM")
+        hwm = proc_status_kb("VmHWM")
         if not self._cpu_ok or hwm is None:
             return seconds, math.nan
         return seconds, (hwm - self._base) / 1024
