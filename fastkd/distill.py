@@ -67,19 +67,26 @@ def batches(tokens: list[int], batch_size: int, seq_len: int, steps: int):
         yield {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
 
-def load_model(spec: str, device: torch.device):
-    """A transformers model from a ``save_pretrained`` directory, a config-only directory or a config JSON file."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM
+def load_config(spec: str):
+    """The transformers config of a ``save_pretrained`` directory, a config-only directory or a config JSON file."""
+    from transformers import AutoConfig
 
     if os.path.isfile(spec):
         with open(spec) as f:
             fields = json.load(f)
-        config, pretrained = AutoConfig.for_model(fields.pop("model_type"), **fields), False
-    elif os.path.isdir(spec):
-        config = AutoConfig.from_pretrained(spec)
-        pretrained = any(name.endswith((".safetensors", ".bin")) for name in os.listdir(spec))
-    else:
-        raise ValueError(f"model: {spec!r} is neither a directory nor a config JSON file")
+        return AutoConfig.for_model(fields.pop("model_type"), **fields)
+    if os.path.isdir(spec):
+        return AutoConfig.from_pretrained(spec)
+    raise ValueError(f"model: {spec!r} is neither a directory nor a config JSON file")
+
+
+def load_model(spec: str, device: torch.device):
+    """A transformers model from a ``save_pretrained`` directory, a config-only directory or a config JSON
+    file (the last two randomly initialised)."""
+    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
+
+    config = load_config(spec)
+    pretrained = os.path.isdir(spec) and any(name.endswith((".safetensors", ".bin")) for name in os.listdir(spec))
     masked = any("MaskedLM" in name for name in (config.architectures or [])) or config.model_type == "bert"
     auto = AutoModelForMaskedLM if masked else AutoModelForCausalLM
     model = auto.from_pretrained(spec) if pretrained else auto.from_config(config)
@@ -166,7 +173,8 @@ def main(argv: list[str] | None = None) -> int:
             torch.manual_seed(0)
             return load_model(args.student, device), load_model(args.teacher, device)
 
-        vocab = make_models()[1].config.vocab_size
+        load_config(args.student)  # a wrong path fails here, before any output
+        vocab = load_config(args.teacher).vocab_size
     tokens = _tokens(args, vocab)
     print(f"fastkd distill on {device}: batch {args.batch_size} x {args.seq_len}, T={args.temperature}")
     header = f"{'configuration':<13} {'way':<7} {'steps':>5} {'ms/step':>9} {'peak MB':>9} {'speed-up':>8} {'mem':>6}  losses (last step of each)"
