@@ -357,7 +357,7 @@ def _attention_forward_kernel(
     ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """rows = sum_k p_k (log p_k - log q_k); scores: also stats = (lse_s, lse_t) over kept keys."""
-    p_s, p_t, _, o_r, m_r, valid, first_row, Lk, o_mask = _attention_tile(
+    p_s, p_t, p_g, o_r, m_r, valid, first_row, Lk, o_mask = _attention_tile(
         p_table, p_mask, HAS_MASK, S_DTYPE, T_DTYPE, BLOCK_R
     )
     if SCORES:
