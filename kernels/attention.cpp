@@ -1,18 +1,18 @@
 // attention_kl on CPU: per query row of each (student, teacher) pair of [B, H, Lq, Lk] maps,
 //   rows = sum_k p_k (log p_k - log q_k),
-// kind "probs" (scores=false): p = t, q = s, terms with p_k = 0 are 0, log q_k uses
+// kind "probs" (scores=false): q = s, p = t, terms with p_k = 0 are 0, log q_k uses
 //   max(q_k, kTiny); d rows / d s_k = -p_k / q_k where p_k > 0 and q_k >= kTiny, else 0.
-// kind "scores" (scores=true): p = softmax(t), q = softmax(s) over the kept keys: key k is dropped
+// kind "scores" (scores=true): q = softmax(s), p = softmax(t) over the kept keys: key k is dropped
 //   from both when mask[b, k] == 0 or either score is -inf or <= the lowest finite value of its
 //   dtype; stats = [lse(s), lse(t)] (float64) over kept keys; d rows / d s = q - p on kept
-//   keys, 0 elsewhere; a row without a kept key has value, stats and gradient 0.
+//   keys, 0 elsewhere; a row without a kept key (or masked) has value 0, stats -inf, gradient 0.
 // mask [B, Lq] marks the valid query rows (and, for scores, the kept keys; Lq == Lk then).
 #include "rows.h"
 
 namespace fastkd {
 namespace {
 
-constexpr double kTiny = 1.1754943508222875e-38;  // the smallest normal float32
+constexpr double kTiny = std::numeric_limits<float>::min();  // the smallest normal float32
 
 // log(x) for float32 lanes, inlined (Cephes' logf: x = m 2^e with m in [sqrt(1/2), sqrt(2)), a
 // polynomial in m - 1; relative error about 1 ulp) for normal x > 0; +inf and NaN stay as they are.
@@ -49,68 +49,68 @@ inline Vectorized<double> vlog(const Vectorized<double>& x) {
 
 // Forward value of kind "probs" over n entries: sum_{p_k > 0} p_k (log p_k - log max(q_k, kTiny)).
 template <typename acc_t>
-acc_t probs_kl(const acc_t* p_row, const acc_t* q_row, int64_t n) {
+acc_t probs_kl(const acc_t* q_row, const acc_t* p_row, int64_t n) {
   using Vec = Vectorized<acc_t>;
   const Vec zero(0), tiny(static_cast<acc_t>(kTiny));
   Vec sum(0);
-  auto accumulate = [&](Vec p, Vec q) {
+  auto accumulate = [&](Vec q, Vec p) {
     const Vec term = p * (vlog(p) - vlog(at::vec::maximum(q, tiny)));
     sum = sum + Vec::blendv(zero, term, p > zero);
   };
   int64_t k = 0;
   for (; k + Vec::size() <= n; k += Vec::size()) {
-    prefetch_next_block(p_row + k);
     prefetch_next_block(q_row + k);
-    accumulate(Vec::loadu(p_row + k), Vec::loadu(q_row + k));
+    prefetch_next_block(p_row + k);
+    accumulate(Vec::loadu(q_row + k), Vec::loadu(p_row + k));
   }
   if (k < n) {
-    accumulate(Vec::loadu(p_row + k, n - k), Vec::loadu(q_row + k, n - k));
+    accumulate(Vec::loadu(q_row + k, n - k), Vec::loadu(p_row + k, n - k));
   }
   return reduce_sum(sum);
 }
 
 // Gradient of kind "probs" over n entries: out_k = g * (-p_k / q_k) where p_k > 0, q_k >= kTiny.
 template <typename acc_t>
-void probs_kl_grad(const acc_t* p_row, const acc_t* q_row, int64_t n, acc_t g, acc_t* out) {
+void probs_kl_grad(const acc_t* q_row, const acc_t* p_row, int64_t n, acc_t g, acc_t* out) {
   using Vec = Vectorized<acc_t>;
   const Vec zero(0), tiny(static_cast<acc_t>(kTiny)), minus_g(-g);
-  auto grad = [&](Vec p, Vec q) {
+  auto grad = [&](Vec q, Vec p) {
     return Vec::blendv(zero, minus_g * p / q, (p > zero) & (q >= tiny));
   };
   int64_t k = 0;
   for (; k + Vec::size() <= n; k += Vec::size()) {
-    prefetch_next_block(p_row + k);
     prefetch_next_block(q_row + k);
-    grad(Vec::loadu(p_row + k), Vec::loadu(q_row + k)).store(out + k);
+    prefetch_next_block(p_row + k);
+    grad(Vec::loadu(q_row + k), Vec::loadu(p_row + k)).store(out + k);
   }
   if (k < n) {
-    grad(Vec::loadu(p_row + k, n - k), Vec::loadu(q_row + k, n - k)).store(out + k, n - k);
+    grad(Vec::loadu(q_row + k, n - k), Vec::loadu(p_row + k, n - k)).store(out + k, n - k);
   }
 }
 
-// Kind "scores": copies n teacher (a) and student (b) scores into kept_a/kept_b, with -inf in
-// both where the key is dropped: a <= lowest_a, b <= lowest_b, or key_bias (0 or -inf per key,
+// Kind "scores": copies n student (s) and teacher (t) scores into kept_s/kept_t, with -inf in
+// both where the key is dropped: s <= lowest_s, t <= lowest_t, or key_bias (0 or -inf per key,
 // nullptr without a mask) is -inf.
 template <typename acc_t>
-void keep_keys(const acc_t* a, const acc_t* b, const acc_t* key_bias, int64_t n, acc_t lowest_a,
-               acc_t lowest_b, acc_t* kept_a, acc_t* kept_b) {
+void keep_keys(const acc_t* s, const acc_t* t, const acc_t* key_bias, int64_t n, acc_t lowest_s,
+               acc_t lowest_t, acc_t* kept_s, acc_t* kept_t) {
   using Vec = Vectorized<acc_t>;
-  const Vec neg_inf(-std::numeric_limits<acc_t>::infinity()), low_a(lowest_a), low_b(lowest_b);
+  const Vec neg_inf(-std::numeric_limits<acc_t>::infinity()), low_s(lowest_s), low_t(lowest_t);
   auto keep = [&](int64_t k, int64_t len) {
-    Vec va = Vec::loadu(a + k, len), vb = Vec::loadu(b + k, len);
+    Vec vs = Vec::loadu(s + k, len), vt = Vec::loadu(t + k, len);
     if (key_bias != nullptr) {
       const Vec bias = Vec::loadu(key_bias + k, len);
-      va = va + bias;
-      vb = vb + bias;
+      vs = vs + bias;
+      vt = vt + bias;
     }
-    const Vec kept = (va > low_a) & (vb > low_b);
-    Vec::blendv(neg_inf, va, kept).store(kept_a + k, len);
-    Vec::blendv(neg_inf, vb, kept).store(kept_b + k, len);
+    const Vec kept = (vs > low_s) & (vt > low_t);
+    Vec::blendv(neg_inf, vs, kept).store(kept_s + k, len);
+    Vec::blendv(neg_inf, vt, kept).store(kept_t + k, len);
   };
   int64_t k = 0;
   for (; k + Vec::size() <= n; k += Vec::size()) {
-    prefetch_next_block(a + k);
-    prefetch_next_block(b + k);
+    prefetch_next_block(s + k);
+    prefetch_next_block(t + k);
     keep(k, Vec::size());
   }
   if (k < n) {
@@ -188,7 +188,7 @@ std::tuple<at::Tensor, at::Tensor> attention_forward(at::TensorList students,
             acc_t kl = 0;
             for (int64_t c = 0; row_valid && c < cols; c += kBlock) {
               const int64_t n = std::min(kBlock, cols - c);
-              kl += probs_kl(load_block(t_row + c, n, buf_t), load_block(s_row + c, n, buf_s), n);
+              kl += probs_kl(load_block(s_row + c, n, buf_s), load_block(t_row + c, n, buf_t), n);
             }
             out[r] = kl;
             continue;
@@ -197,15 +197,15 @@ std::tuple<at::Tensor, at::Tensor> attention_forward(at::TensorList students,
           const acc_t* row_bias = bias.empty() ? nullptr : bias.data() + pair.batch_of(r) * cols;
           for (int64_t c = 0; row_valid && c < cols; c += kBlock) {
             const int64_t n = std::min(kBlock, cols - c);
-            keep_keys(load_block(t_row + c, n, buf_t), load_block(s_row + c, n, buf_s),
-                      row_bias == nullptr ? nullptr : row_bias + c, n, lowest_t, lowest_s,
-                      kept_t, kept_s);
-            kl.add(kept_t, kept_s, n, acc_t(1));
+            keep_keys(load_block(s_row + c, n, buf_s), load_block(t_row + c, n, buf_t),
+                      row_bias == nullptr ? nullptr : row_bias + c, n, lowest_s, lowest_t,
+                      kept_s, kept_t);
+            kl.add(kept_s, kept_t, n, acc_t(1));
           }
-          const bool any = kl.any();
+          const bool any = kl.teacher_has_entries();
           out[r] = any ? kl.kl() : acc_t(0);
-          lse_s[r] = any ? kl.lse_b() : 0.0;
-          lse_t[r] = any ? kl.lse_a() : 0.0;
+          lse_s[r] = any ? kl.lse_s() : kNoEntries;
+          lse_t[r] = any ? kl.lse_t() : kNoEntries;
         }
       });
     });
@@ -251,7 +251,8 @@ std::vector<at::Tensor> attention_backward(at::TensorList students, at::TensorLi
         acc_t buf_s[kBlock], buf_t[kBlock], kept_s[kBlock], kept_t[kBlock], buf_g[kBlock];
         for (int64_t r = begin; r < end; ++r) {
           s_t* grad_row = grad_base + r * cols;
-          if (valid != nullptr && valid[pair.query_of(r)] == 0) {
+          if ((valid != nullptr && valid[pair.query_of(r)] == 0) ||
+              (scores && lse_t[r] == kNoEntries)) {
             zero_row(grad_row, cols);
             continue;
           }
@@ -259,19 +260,19 @@ std::vector<at::Tensor> attention_backward(at::TensorList students, at::TensorLi
           const t_t* t_row = t_base + r * cols;
           const acc_t* row_bias = bias.empty() ? nullptr : bias.data() + pair.batch_of(r) * cols;
           // Only kind "scores" has stats (the lse of the row's kept keys).
-          const SplitLse<acc_t> row_lse_t(scores ? lse_t[r] : 0.0);
           const SplitLse<acc_t> row_lse_s(scores ? lse_s[r] : 0.0);
+          const SplitLse<acc_t> row_lse_t(scores ? lse_t[r] : 0.0);
           for (int64_t c = 0; c < cols; c += kBlock) {
             const int64_t n = std::min(kBlock, cols - c);
-            const acc_t* t = load_block(t_row + c, n, buf_t);
             const acc_t* s = load_block(s_row + c, n, buf_s);
+            const acc_t* t = load_block(t_row + c, n, buf_t);
             acc_t* out = out_block<acc_t>(grad_row + c, buf_g);
             if (scores) {
-              keep_keys(t, s, row_bias == nullptr ? nullptr : row_bias + c, n, lowest_t,
-                        lowest_s, kept_t, kept_s);
-              softmax_kl_grad(kept_t, kept_s, n, acc_t(1), row_lse_t, row_lse_s, g[r], out);
+              keep_keys(s, t, row_bias == nullptr ? nullptr : row_bias + c, n, lowest_s,
+                        lowest_t, kept_s, kept_t);
+              softmax_kl_grad(kept_s, kept_t, n, acc_t(1), row_lse_s, row_lse_t, g[r], out);
             } else {
-              probs_kl_grad(t, s, n, g[r], out);
+              probs_kl_grad(s, t, n, g[r], out);
             }
             store_block(out, grad_row + c, n);
           }

@@ -1,7 +1,9 @@
 // logit_kl on CPU: per row of V logits,
-//   rows = T^2 * sum_v p_v (log p_v - log q_v),  p = softmax(t / T),  q = softmax(s / T),
+//   rows = T^2 * sum_v p_v (log p_v - log q_v),  q = softmax(s / T),  p = softmax(t / T),
 //   stats = [lse(s / T), lse(t / T)] (float64),  d rows / d s = T (q - p).
-// Inputs are [R0, R1, V] row views (any strides for the two leading dims, last stride 1).
+// A row that contributes nothing (masked, or no finite teacher logit) has value 0, stats -inf
+// and gradient 0. Inputs are [R0, R1, V] row views (any strides for the two leading dims, last
+// stride 1).
 #include "rows.h"
 
 namespace fastkd {
@@ -30,8 +32,9 @@ std::tuple<at::Tensor, at::Tensor> logit_forward(const at::Tensor& student,
     at::parallel_for(0, count, grain_rows(cols), [&](int64_t begin, int64_t end) {
       acc_t buf_s[kBlock], buf_t[kBlock];
       for (int64_t r = begin; r < end; ++r) {
+        out[r] = 0;
+        lse_s[r] = lse_t[r] = kNoEntries;
         if (valid != nullptr && valid[r] == 0) {
-          out[r] = lse_s[r] = lse_t[r] = 0;
           continue;
         }
         const s_t* s_row = s_rows.row(s_base, r);
@@ -39,11 +42,13 @@ std::tuple<at::Tensor, at::Tensor> logit_forward(const at::Tensor& student,
         SoftmaxKL<acc_t> kl;
         for (int64_t c = 0; c < cols; c += kBlock) {
           const int64_t n = std::min(kBlock, cols - c);
-          kl.add(load_block(t_row + c, n, buf_t), load_block(s_row + c, n, buf_s), n, inv_t);
+          kl.add(load_block(s_row + c, n, buf_s), load_block(t_row + c, n, buf_t), n, inv_t);
         }
-        out[r] = t2 * kl.kl();
-        lse_s[r] = kl.lse_b();
-        lse_t[r] = kl.lse_a();
+        if (kl.teacher_has_entries()) {
+          out[r] = t2 * kl.kl();
+          lse_s[r] = kl.lse_s();
+          lse_t[r] = kl.lse_t();
+        }
       }
     });
   });
@@ -77,19 +82,19 @@ at::Tensor logit_backward(const at::Tensor& student, const at::Tensor& teacher,
       acc_t buf_s[kBlock], buf_t[kBlock], buf_g[kBlock];
       for (int64_t r = begin; r < end; ++r) {
         s_t* grad_row = grad_base + r * cols;
-        if (valid != nullptr && valid[r] == 0) {
+        if ((valid != nullptr && valid[r] == 0) || lse_t[r] == kNoEntries) {
           zero_row(grad_row, cols);
           continue;
         }
         const s_t* s_row = s_rows.row(s_base, r);
         const t_t* t_row = t_rows.row(t_base, r);
-        const SplitLse<acc_t> row_lse_t(lse_t[r]), row_lse_s(lse_s[r]);
+        const SplitLse<acc_t> row_lse_s(lse_s[r]), row_lse_t(lse_t[r]);
         const acc_t row_g = g[r] * t;
         for (int64_t c = 0; c < cols; c += kBlock) {
           const int64_t n = std::min(kBlock, cols - c);
           acc_t* out = out_block<acc_t>(grad_row + c, buf_g);
-          softmax_kl_grad(load_block(t_row + c, n, buf_t), load_block(s_row + c, n, buf_s), n,
-                          inv_t, row_lse_t, row_lse_s, row_g, out);
+          softmax_kl_grad(load_block(s_row + c, n, buf_s), load_block(t_row + c, n, buf_t), n,
+                          inv_t, row_lse_s, row_lse_t, row_g, out);
           store_block(out, grad_row + c, n);
         }
       }

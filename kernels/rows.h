@@ -256,72 +256,76 @@ inline void check_pairs(const at::TensorList& students, const at::TensorList& te
   }
 }
 
-// Online softmax KL over one row of teacher scores a and student scores b (already scaled):
-//   p = softmax(a), q = softmax(b), kl = sum_k p_k (log p_k - log q_k).
-// It keeps the running maxima m_a, m_b and, relative to them,
-//   z_a = sum exp(a - m_a),  z_b = sum exp(b - m_b),  w = sum exp(a - m_a) (a - b),
-// rescaling all three by exp(m_old - m_new) when a block raises a maximum, so that each element is
-// read once. Then kl = w / z_a - lse_a + lse_b = w / z_a + (m_b - m_a) + log z_b - log z_a.
-// Entries with a = -inf (or exp(a - m_a) = 0) contribute 0 to w; a block can mark an entry as
-// excluded from both softmaxes by setting a and b to -inf there.
+// Online softmax KL over one row of student scores s and teacher scores t (already scaled):
+//   q = softmax(s), p = softmax(t), kl = sum_k p_k (log p_k - log q_k).
+// It keeps the running maxima max_s, max_t and, relative to them,
+//   sum_s = sum exp(s - max_s),  sum_t = sum exp(t - max_t),  cross = sum exp(t - max_t) (t - s),
+// rescaling them by exp(max_old - max_new) when a block raises a maximum, so that each element is
+// read once. Then kl = cross / sum_t + lse_s - lse_t, with lse_s - lse_t taken as
+// (max_s - max_t) + log(sum_s / sum_t): one rounding where two large logs would each round.
+// Entries with t = -inf (or exp(t - max_t) = 0) contribute 0 to cross; a block can mark an entry
+// as excluded from both softmaxes by setting s and t to -inf there.
 template <typename acc_t>
 struct SoftmaxKL {
   using Vec = Vectorized<acc_t>;
   static constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
 
-  acc_t m_a = kNegInf, m_b = kNegInf, z_a = 0, z_b = 0, w = 0;
+  acc_t max_s = kNegInf, max_t = kNegInf, sum_s = 0, sum_t = 0, cross = 0;
 
-  // Adds n entries: a_k = scale * a_raw[k], b_k = scale * b_raw[k] (scale > 0).
-  void add(const acc_t* a_raw, const acc_t* b_raw, int64_t n, acc_t scale) {
-    Vec max_a(kNegInf), max_b(kNegInf);
+  // Adds n entries: s_k = scale * s_raw[k], t_k = scale * t_raw[k] (scale > 0).
+  void add(const acc_t* s_raw, const acc_t* t_raw, int64_t n, acc_t scale) {
+    Vec block_max_s(kNegInf), block_max_t(kNegInf);
     int64_t k = 0;
     for (; k + Vec::size() <= n; k += Vec::size()) {
-      max_a = at::vec::clamp_min(Vec::loadu(a_raw + k), max_a);
-      max_b = at::vec::clamp_min(Vec::loadu(b_raw + k), max_b);
+      block_max_s = at::vec::clamp_min(Vec::loadu(s_raw + k), block_max_s);
+      block_max_t = at::vec::clamp_min(Vec::loadu(t_raw + k), block_max_t);
     }
     if (k < n) {
-      max_a = at::vec::clamp_min(load_tail(a_raw + k, n - k, kNegInf), max_a);
-      max_b = at::vec::clamp_min(load_tail(b_raw + k, n - k, kNegInf), max_b);
+      block_max_s = at::vec::clamp_min(load_tail(s_raw + k, n - k, kNegInf), block_max_s);
+      block_max_t = at::vec::clamp_min(load_tail(t_raw + k, n - k, kNegInf), block_max_t);
     }
     // scale > 0, so the maximum of the scaled values is the scaled maximum, rounding included.
-    const acc_t new_a = std::max(m_a, reduce_max(max_a) * scale);
-    const acc_t new_b = std::max(m_b, reduce_max(max_b) * scale);
-    // exp(scale * x - shift) as one fused multiply-add; w is summed unscaled, scaled below.
-    const Vec neg_shift_a(new_a == kNegInf ? acc_t(0) : -new_a);
-    const Vec neg_shift_b(new_b == kNegInf ? acc_t(0) : -new_b);
+    const acc_t new_max_s = std::max(max_s, reduce_max(block_max_s) * scale);
+    const acc_t new_max_t = std::max(max_t, reduce_max(block_max_t) * scale);
+    // exp(scale * x - shift) as one fused multiply-add; cross is summed unscaled, scaled below.
+    const Vec neg_shift_s(new_max_s == kNegInf ? acc_t(0) : -new_max_s);
+    const Vec neg_shift_t(new_max_t == kNegInf ? acc_t(0) : -new_max_t);
     const Vec vscale(scale), zero(0);
-    Vec sum_a(0), sum_b(0), sum_w(0);
-    auto accumulate = [&](const Vec& a, const Vec& b) {
-      const Vec e_a = vexp(at::vec::fmadd(a, vscale, neg_shift_a));
-      sum_a = sum_a + e_a;
-      sum_b = sum_b + vexp(at::vec::fmadd(b, vscale, neg_shift_b));
-      sum_w = at::vec::fmadd(e_a, Vec::blendv(a - b, zero, e_a == zero), sum_w);
+    Vec block_sum_s(0), block_sum_t(0), block_cross(0);
+    auto accumulate = [&](const Vec& s, const Vec& t) {
+      const Vec e_t = vexp(at::vec::fmadd(t, vscale, neg_shift_t));
+      block_sum_s = block_sum_s + vexp(at::vec::fmadd(s, vscale, neg_shift_s));
+      block_sum_t = block_sum_t + e_t;
+      block_cross = at::vec::fmadd(e_t, Vec::blendv(t - s, zero, e_t == zero), block_cross);
     };
     for (k = 0; k + Vec::size() <= n; k += Vec::size()) {
-      prefetch_next_block(a_raw + k);
-      prefetch_next_block(b_raw + k);
-      accumulate(Vec::loadu(a_raw + k), Vec::loadu(b_raw + k));
+      prefetch_next_block(s_raw + k);
+      prefetch_next_block(t_raw + k);
+      accumulate(Vec::loadu(s_raw + k), Vec::loadu(t_raw + k));
     }
     if (k < n) {
-      accumulate(load_tail(a_raw + k, n - k, kNegInf), load_tail(b_raw + k, n - k, kNegInf));
+      accumulate(load_tail(s_raw + k, n - k, kNegInf), load_tail(t_raw + k, n - k, kNegInf));
     }
-    const acc_t rescale_a = m_a == kNegInf ? acc_t(0) : std::exp(m_a - new_a);
-    const acc_t rescale_b = m_b == kNegInf ? acc_t(0) : std::exp(m_b - new_b);
-    z_a = z_a * rescale_a + reduce_sum(sum_a);
-    w = w * rescale_a + scale * reduce_sum(sum_w);
-    z_b = z_b * rescale_b + reduce_sum(sum_b);
-    m_a = new_a;
-    m_b = new_b;
+    const acc_t rescale_s = max_s == kNegInf ? acc_t(0) : std::exp(max_s - new_max_s);
+    const acc_t rescale_t = max_t == kNegInf ? acc_t(0) : std::exp(max_t - new_max_t);
+    sum_s = sum_s * rescale_s + reduce_sum(block_sum_s);
+    sum_t = sum_t * rescale_t + reduce_sum(block_sum_t);
+    cross = cross * rescale_t + scale * reduce_sum(block_cross);
+    max_s = new_max_s;
+    max_t = new_max_t;
   }
 
-  // Whether some entry of a was kept (finite maximum).
-  bool any() const { return m_a != kNegInf; }
-  // The log-sum-exps in float64: a float32 lse would be off by half an ulp of |a|, and every
-  // exp(a - lse) of the backward pass with it.
-  double lse_a() const { return static_cast<double>(m_a) + std::log(static_cast<double>(z_a)); }
-  double lse_b() const { return static_cast<double>(m_b) + std::log(static_cast<double>(z_b)); }
-  acc_t kl() const { return w / z_a + (m_b - m_a) + std::log(z_b) - std::log(z_a); }
+  // Whether the teacher has an entry (a finite maximum); a row without one contributes nothing.
+  bool teacher_has_entries() const { return max_t != kNegInf; }
+  // The log-sum-exps in float64: a float32 lse would be off by half an ulp of |s|, and every
+  // exp(s - lse) of the backward pass with it.
+  double lse_s() const { return static_cast<double>(max_s) + std::log(static_cast<double>(sum_s)); }
+  double lse_t() const { return static_cast<double>(max_t) + std::log(static_cast<double>(sum_t)); }
+  acc_t kl() const { return cross / sum_t + (max_s - max_t) + std::log(sum_s / sum_t); }
 };
+
+// The log-sum-exp of no entry: the stats of a row that contributes nothing (see fastkd.backends).
+constexpr double kNoEntries = -std::numeric_limits<double>::infinity();
 
 // A float64 lse as hi + lo, both acc_t: x - lse is computed as (x - hi) - lo, which keeps acc_t's
 // precision in exp(x - lse) where |x| is large.
@@ -332,28 +336,28 @@ struct SplitLse {
       : hi(static_cast<acc_t>(lse)), lo(static_cast<acc_t>(lse - static_cast<double>(hi))) {}
 };
 
-// Gradient of the softmax KL above with respect to b_raw, for one block:
+// Gradient of the softmax KL above with respect to s_raw, for one block:
 //   out_k = g * (q_k - p_k),
-//   q_k = exp(scale * b_raw[k] - lse_b),  p_k = exp(scale * a_raw[k] - lse_a).
+//   q_k = exp(scale * s_raw[k] - lse_s),  p_k = exp(scale * t_raw[k] - lse_t).
 template <typename acc_t>
-inline void softmax_kl_grad(const acc_t* a_raw, const acc_t* b_raw, int64_t n, acc_t scale,
-                            SplitLse<acc_t> lse_a, SplitLse<acc_t> lse_b, acc_t g, acc_t* out) {
+inline void softmax_kl_grad(const acc_t* s_raw, const acc_t* t_raw, int64_t n, acc_t scale,
+                            SplitLse<acc_t> lse_s, SplitLse<acc_t> lse_t, acc_t g, acc_t* out) {
   using Vec = Vectorized<acc_t>;
   const Vec vscale(scale), vg(g);
-  const Vec hi_a(-lse_a.hi), lo_a(-lse_a.lo), hi_b(-lse_b.hi), lo_b(-lse_b.lo);
-  auto grad = [&](const Vec& a, const Vec& b) {
-    const Vec q = vexp(at::vec::fmadd(b, vscale, hi_b) + lo_b);
-    const Vec p = vexp(at::vec::fmadd(a, vscale, hi_a) + lo_a);
+  const Vec hi_s(-lse_s.hi), lo_s(-lse_s.lo), hi_t(-lse_t.hi), lo_t(-lse_t.lo);
+  auto grad = [&](const Vec& s, const Vec& t) {
+    const Vec q = vexp(at::vec::fmadd(s, vscale, hi_s) + lo_s);
+    const Vec p = vexp(at::vec::fmadd(t, vscale, hi_t) + lo_t);
     return (q - p) * vg;
   };
   int64_t k = 0;
   for (; k + Vec::size() <= n; k += Vec::size()) {
-    prefetch_next_block(a_raw + k);
-    prefetch_next_block(b_raw + k);
-    grad(Vec::loadu(a_raw + k), Vec::loadu(b_raw + k)).store(out + k);
+    prefetch_next_block(s_raw + k);
+    prefetch_next_block(t_raw + k);
+    grad(Vec::loadu(s_raw + k), Vec::loadu(t_raw + k)).store(out + k);
   }
   if (k < n) {
-    grad(Vec::loadu(a_raw + k, n - k), Vec::loadu(b_raw + k, n - k)).store(out + k, n - k);
+    grad(Vec::loadu(s_raw + k, n - k), Vec::loadu(t_raw + k, n - k)).store(out + k, n - k);
   }
 }
 

@@ -1,4 +1,4 @@
-"""Float64 formulas of the three losses, written from DESIGN.md, and the checks that use them.
+"""Float64 formulas of the three losses, written from their definitions, and the checks that use them.
 
 Each ``*_rows`` function returns the per-row value ``r`` of one loss in float64 and is
 differentiable in the student (the teacher is detached). ``reduce`` turns rows into the value of a
@@ -20,13 +20,19 @@ def hidden_rows(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
 def logit_rows(s: torch.Tensor, t: torch.Tensor, temperature: float) -> torch.Tensor:
     """``T^2 * sum_v p_v (log p_v - log q_v)``, ``p = softmax(t / T)``, ``q = softmax(s / T)``.
 
-    Terms with ``p_v = 0`` (teacher logit ``-inf``) contribute 0.
+    Terms with ``p_v = 0`` (teacher logit ``-inf``) contribute 0; a row whose teacher has no finite
+    logit has no distribution and contributes 0 (no gradient flows there).
     """
-    log_q = torch.log_softmax(s.double() / temperature, dim=-1)
-    log_p = torch.log_softmax(t.detach().double() / temperature, dim=-1)
+    t = t.detach().double()
+    empty = torch.isneginf(t).all(-1, keepdim=True)
+    # Rows without a teacher get dummy zeros, so that neither value nor gradient is NaN there.
+    s64 = torch.where(empty, 0.0, s.double())
+    t64 = torch.where(empty, 0.0, t)
+    log_q = torch.log_softmax(s64 / temperature, dim=-1)
+    log_p = torch.log_softmax(t64 / temperature, dim=-1)
     p = log_p.exp()
     diff = torch.where(p > 0, log_p - log_q, 0.0)
-    return temperature**2 * (p * diff).sum(-1)
+    return torch.where(empty.squeeze(-1), 0.0, temperature**2 * (p * diff).sum(-1))
 
 
 def attention_probs_rows(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

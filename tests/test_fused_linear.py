@@ -152,6 +152,22 @@ def test_all_masked(device, chunk_size):
         assert torch.equal(inputs[name].grad, torch.zeros_like(inputs[name])), name
 
 
+def test_teacher_rows_without_finite_logit(device):
+    """Tokens whose teacher logits are all -inf (a -inf feature times a positive weight column)
+    contribute 0 and get no gradient; they still count in n."""
+    inputs = make_inputs(device)
+    teacher_weight, teacher_hidden = inputs["teacher_weight"].clone(), inputs["teacher_hidden"].clone()
+    teacher_weight[:, 0] = teacher_weight[:, 0].abs() + 0.1
+    teacher_hidden[0, 2, 0] = teacher_hidden[2, 5, 0] = float("-inf")
+    inputs.update(teacher_weight=teacher_weight, teacher_hidden=teacher_hidden)
+    mask = (torch.rand(3, 7) < 0.7).to(device)
+    mask[0, 2] = True
+    check(inputs, temperature=2.0, mask=mask, chunk_size=4)
+    loss = fused_linear_kl(**inputs, temperature=2.0, mask=mask, chunk_size=4)
+    (grad_hidden,) = torch.autograd.grad(loss, inputs["student_hidden"])
+    assert grad_hidden[0, 2].eq(0).all() and grad_hidden[2, 5].eq(0).all()
+
+
 def test_same_width(device):
     check(make_inputs(device, d_s=16, d_t=16), chunk_size=8)
 

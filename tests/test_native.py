@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
+import site
 import subprocess
 import sys
 import textwrap
@@ -27,7 +28,7 @@ from fastkd.backends import native
 pytestmark = pytest.mark.skipif(not native.is_available(), reason="no C++ compiler for the kernels")
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = 1.1754943508222875e-38  # 2**-126 exactly, as kTiny in attention.cpp (reference.TINY is not)
+TINY = 2.0**-126  # exactly, as kTiny in attention.cpp (reference.TINY is a rounded literal)
 
 # Student dtype, teacher dtype.
 DTYPES = [
@@ -50,9 +51,13 @@ def rtol(dtype):
 
 
 def assert_close(got, want, tol, what):
-    """Elementwise ``|got - want| <= tol * (|want| + max|want|)``, want computed in float64."""
+    """Elementwise ``|got - want| <= tol * (|want| + max|want|)``, want computed in float64; where
+    ``want`` is -inf (the stats of a row without entries), ``got`` must be -inf too."""
     assert got.shape == want.shape, f"{what}: shape {tuple(got.shape)} != {tuple(want.shape)}"
     g, w = got.double(), want.double()
+    none = torch.isneginf(w)
+    assert torch.equal(torch.isneginf(g), none), f"{what}: -inf where {none.sum()} entries expect it"
+    g, w = g[~none], w[~none]
     assert torch.isfinite(g).all(), f"{what}: non-finite values"
     bound = tol * (w.abs() + w.abs().max()) + 1e-30
     excess = ((g - w).abs() - bound).max().item()
@@ -99,7 +104,7 @@ def logit_formula(s, t, mask, temperature):
     def grad(g):
         return (temperature * (q - p) * (g.double() * valid)[:, None]).view(s.shape)
 
-    return temperature**2 * kl * valid, lse * valid, grad
+    return temperature**2 * kl * valid, torch.where(valid > 0, lse, -torch.inf), grad
 
 
 def attention_formula(s, t, mask, kind):
@@ -127,8 +132,8 @@ def attention_formula(s, t, mask, kind):
     p = torch.where(keep, (y - lse_t[..., None]).exp(), 0)
     log_ratio = torch.where(keep, (y - lse_t[..., None]) - (x - lse_s[..., None]), 0)
     kl = (p * log_ratio).sum(-1)
-    valid_rows = valid.expand(batch, heads, lq)
-    stats = torch.stack([lse_s * valid_rows, lse_t * valid_rows]).flatten(1)
+    counts = some & (valid > 0)  # rows without a kept key, or masked, have stats -inf
+    stats = torch.stack([torch.where(counts, lse_s, -torch.inf), torch.where(counts, lse_t, -torch.inf)]).flatten(1)
 
     def grad(g):
         return (q - p) * (g.double().view(batch, heads, lq) * valid)[..., None]
@@ -258,7 +263,7 @@ def test_attention_long_rows_and_empty_rows():
     s[0, 1, 2, 1300:] = -torch.inf
     rows, stats = native.attention_forward([s], [t], None, "scores")
     want, want_stats, want_grad = attention_formula(s, t, None, "scores")
-    assert rows[1] == 0 and rows[5] == 0 and stats[:, 1].eq(0).all()
+    assert rows[1] == 0 and rows[5] == 0 and torch.isneginf(stats[:, 1]).all()
     assert_close(rows, want, 1e-5, "rows")
     assert_close(stats, want_stats, 1e-5, "stats")
     grad_rows = torch.rand(6)
@@ -319,21 +324,39 @@ def can_build_wheels() -> bool:
     return tuple(int(part) for part in setuptools.__version__.split(".")[:2]) >= (70, 1)
 
 
+def outer_site_dirs() -> list[str]:
+    """The site directories of the environment running the tests (a venv's own, plus the base
+    interpreter's and the user's where that environment sees them)."""
+    dirs = list(site.getsitepackages())
+    if site.ENABLE_USER_SITE:
+        dirs.append(site.getusersitepackages())
+    return [d for d in dirs if os.path.isdir(d)]
+
+
 @pytest.mark.slow
-@pytest.mark.skipif(not can_build_wheels(), reason="pip cannot build a wheel without isolation")
 def test_wheel_in_fresh_venv_uses_native_kernels(tmp_path):
     """``pip install .`` of a copy of the repository into a new virtual environment; a loss run
     from outside the repository resolves to "native" and builds the kernels from the installed
     package data (in an empty extensions cache, so the build is that of the installed sources)."""
+    assert can_build_wheels(), (
+        "pip cannot build a wheel without isolation here: the test extra's setuptools>=70.1 "
+        '(pip install -e ".[test]") is missing'
+    )
     source = tmp_path / "src"
     shutil.copytree(REPO, source, ignore=shutil.ignore_patterns(
         ".git", "__pycache__", "*.egg-info", "build", "dist", ".pytest_cache", "results"))
     venv = tmp_path / "venv"
-    # Without a pip of its own, the venv runs the system's pip and setuptools (which builds wheels
-    # without the "wheel" package); it installs into the venv.
-    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip",
-                    str(venv)], check=True)
+    # Without a pip of its own, the venv runs this environment's pip, setuptools (which builds
+    # wheels without the "wheel" package) and torch: a .pth file puts this environment's site
+    # directories on its path, after its own (their .pth files, such as that of an editable
+    # fastkd, are not run). It installs into the venv. Not --system-site-packages: that gives the
+    # base interpreter's packages, not this environment's when the tests run in a venv (in a plain
+    # one made from a fresh Python: no torch, and a setuptools 65 that cannot build wheels).
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
     python = str(venv / "bin" / "python")
+    purelib = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+                             check=True, capture_output=True, text=True).stdout.strip()
+    Path(purelib, "outer.pth").write_text("".join(f"{d}\n" for d in outer_site_dirs()))
     subprocess.run([python, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
                     str(source)], check=True, cwd=tmp_path)
     shutil.rmtree(source)  # nothing may come from the copy once installed
@@ -352,8 +375,8 @@ def test_wheel_in_fresh_venv_uses_native_kernels(tmp_path):
     env.pop("FASTKD_BACKEND", None)
     out = subprocess.run([python, "-c", script], check=True, cwd=tmp_path, env=env,
                          capture_output=True, text=True).stdout.split()
-    site = str(venv / "lib")
+    venv_lib = str(venv / "lib")
     assert out[0] == "native"
-    assert out[1].startswith(site) and out[2].startswith(site), out
+    assert out[1].startswith(venv_lib) and out[2].startswith(venv_lib), out
     assert Path(out[2]).name == "logit.cpp" and out[3] == "True"
     assert list((tmp_path / "extensions").glob("*/fastkd_native_*.so"))

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import torch
 
+from fastkd._constants import TINY
 from fastkd._layout import acc_dtype
 
 BLOCK_ELEMENTS = 1 << 22
-TINY = torch.finfo(torch.float32).tiny  # 1.1754944e-38: the floor of q in log q for kind="probs"
 
 
 def _row_blocks(x: torch.Tensor):
@@ -88,7 +88,7 @@ def _log_softmax(x: torch.Tensor, keep: torch.Tensor | None = None):
     """(log softmax over the last dim, float64 lse); only ``keep`` entries count when given.
 
     Computed as ``(x - max) - log(sum exp(x - max))``, exact near the maximum even where ``|x|`` is
-    large; rows without a kept entry get lse 0.
+    large. A row without a finite (kept) entry has lse -inf and a log softmax of no use (NaN).
     """
     if keep is not None:
         x = torch.where(keep, x, -torch.inf)
@@ -96,8 +96,6 @@ def _log_softmax(x: torch.Tensor, keep: torch.Tensor | None = None):
     peak = torch.where(torch.isfinite(peak), peak, 0)
     log_z = torch.log(torch.exp(x - peak).sum(-1, keepdim=True))
     lse = peak.squeeze(-1).double() + log_z.squeeze(-1).double()
-    if keep is not None:
-        lse = torch.where(keep.any(-1), lse, 0)
     return (x - peak) - log_z, lse
 
 
@@ -122,6 +120,11 @@ def _attention_terms(s, t, mask, kind, b, heads, acc):
     return p, log_p - log_q, keep, lse_s, lse_t
 
 
+def _contributes(valid: torch.Tensor, lse_t: torch.Tensor) -> torch.Tensor:
+    """Rows that count: valid, with an entry of the teacher (``lse_t > -inf``); see fastkd.backends."""
+    return valid & (lse_t > -torch.inf)
+
+
 def _row_valid(mask, b, heads, lq, device):
     """Query-row validity of one block, ``[h, Lq, 1]``."""
     if mask is None:
@@ -139,11 +142,13 @@ def attention_forward(students, teachers, mask, kind):
         stats = torch.zeros(2, batch, heads, lq, dtype=torch.float64, device=s.device)
         for b, hs in _attention_blocks(s):
             p, log_ratio, keep, lse_s, lse_t = _attention_terms(s, t, mask, kind, b, hs, acc)
-            valid = _row_valid(mask, b, hs, lq, s.device)
-            kl = torch.where(keep, p * log_ratio, 0).sum(-1)
-            rows[b, hs] = torch.where(valid[..., 0], kl, 0)
+            valid = _row_valid(mask, b, hs, lq, s.device)[..., 0]
             if kind == "scores":
-                stats[0, b, hs], stats[1, b, hs] = lse_s, lse_t
+                valid = _contributes(valid, lse_t)
+                stats[0, b, hs] = torch.where(valid, lse_s, -torch.inf)
+                stats[1, b, hs] = torch.where(valid, lse_t, -torch.inf)
+            kl = torch.where(keep, p * log_ratio, 0).sum(-1)
+            rows[b, hs] = torch.where(valid, kl, 0)
         out_rows.append(rows.reshape(-1))
         out_stats.append(stats.reshape(2, -1))
     stats = torch.cat(out_stats, dim=1)
@@ -165,8 +170,11 @@ def attention_backward(students, teachers, mask, kind, stats, grad_rows):
                 dkl = torch.where((tb > 0) & (sb >= TINY), -tb / sb, 0)
             else:
                 keep = _kept_keys(s, t, mask, b, hs)
-                q = torch.where(keep, _exp_minus_lse(sb, _lse(stats[0], offset, b, hs, batch, heads, lq)), 0)
-                p = torch.where(keep, _exp_minus_lse(tb, _lse(stats[1], offset, b, hs, batch, heads, lq)), 0)
+                lse_s = _lse(stats[0], offset, b, hs, batch, heads, lq)
+                lse_t = _lse(stats[1], offset, b, hs, batch, heads, lq)
+                valid = _contributes(valid, lse_t[..., None])
+                q = torch.where(keep, _exp_minus_lse(sb, lse_s), 0)
+                p = torch.where(keep, _exp_minus_lse(tb, lse_t), 0)
                 dkl = q - p
             grad[b, hs] = torch.where(valid, dkl * scale_all[b, hs][..., None], 0).to(s.dtype)
         grads.append(grad)
@@ -195,9 +203,10 @@ def logit_forward(student, teacher, mask, temperature):
         p = log_p.exp()
         kl = torch.where(p > 0, p * (log_p - log_q), 0).sum(-1)
         end = start + kl.shape[0]
-        valid = _block_mask(mask, start, kl.shape[0], student)
+        valid = _contributes(_block_mask(mask, start, kl.shape[0], student), lse_t)
         rows[start:end] = torch.where(valid, temperature**2 * kl, 0)
-        stats[0, start:end], stats[1, start:end] = lse_s, lse_t
+        stats[0, start:end] = torch.where(valid, lse_s, -torch.inf)
+        stats[1, start:end] = torch.where(valid, lse_t, -torch.inf)
     return rows, stats
 
 
@@ -211,7 +220,7 @@ def logit_backward(student, teacher, mask, temperature, stats, grad_rows):
         end = start + s.shape[0]
         q = _exp_minus_lse(s, stats[0, start:end])
         p = _exp_minus_lse(t, stats[1, start:end])
-        valid = _block_mask(mask, start, s.shape[0], student)
+        valid = _contributes(_block_mask(mask, start, s.shape[0], student), stats[1, start:end])
         scale = grad_rows[start:end].to(acc) * temperature
         grad[i, cols] = torch.where(valid[:, None], (q - p) * scale[:, None], 0).to(student.dtype)
     return grad

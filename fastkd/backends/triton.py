@@ -2,24 +2,34 @@
 
 Each forward kernel reads every student and teacher element of a row once and writes the row's value
 (and, for softmax losses, the two log-sum-exps); each backward kernel reads the row once more and
-writes the gradient. Masked rows read nothing and write 0. One program handles a tile of ``BLOCK_R``
-rows, walking their columns ``BLOCK_C`` at a time; offsets are 64-bit. Layer pairs of one dtype
+writes the gradient. Rows that contribute nothing (masked, or without an entry that counts) read
+nothing in the forward and write a zero gradient. One program handles a tile of ``BLOCK_R`` rows,
+walking their columns ``BLOCK_C`` at a time; offsets are 64-bit. Layer pairs of one dtype
 combination run in one launch (program id 1 is the pair): a small int64 table on the device holds,
-per pair, the addresses, sizes and strides the kernels need (``_pair_table``).
+per pair, the addresses, sizes and strides the kernels need (``PairTable``). Every launch runs with
+the inputs' CUDA device current, whichever device the caller has selected.
 
-Notation: ``o_`` offsets, ``m_`` masks, ``p_`` pointers, ``b_`` block values; sizes ``R`` rows, ``V``
-vocabulary, ``D`` width, ``Lk`` keys.
+Notation (the same in the C++ kernels and the torch backend): the student comes first, and a name
+ending in ``_s`` is the student's, in ``_t`` the teacher's. Prefixes: ``o_`` offsets, ``m_``
+boolean masks, ``p_`` pointers, ``b_`` values of a ``[BLOCK_R, BLOCK_C]`` block. An online softmax
+keeps per row ``max_`` (running maximum), ``sum_`` (of ``exp(x - max_)``) and ``cross`` (of
+``exp(t - max_t) (t - s)``). Sizes: ``R1`` rows of the second leading dimension, ``V`` vocabulary,
+``D`` width, ``Lq``/``Lk`` queries/keys.
 """
 
 from __future__ import annotations
+
+import contextlib
+import functools
 
 import torch
 import triton
 import triton.language as tl
 
+from fastkd._constants import TINY as _TINY
 from fastkd._layout import acc_dtype
 
-TINY = tl.constexpr(1.1754943508222875e-38)  # float32's smallest normal: the floor of q in log q for kind="probs"
+TINY = tl.constexpr(_TINY)  # the floor of q in log q for kind="probs"
 MAX_BLOCK_C = 4096
 # Elements per program tile, by kernel: the best of 1024..16384 on an H100 at the benchmark sizes
 # (benchmarks/NOTES.md); rows longer than MAX_BLOCK_C get one row per program whatever the tile.
@@ -38,17 +48,40 @@ def _tl(dtype: torch.dtype):
     return _TL_DTYPES[dtype]
 
 
-@triton.jit
-def _online_lse(m, z, b_x):
-    """Fold tile ``b_x`` ``[R, C]`` into running per-row (max ``m``, sum ``z`` of exp(x - m)).
+def _device_context(device: torch.device):
+    """The inputs' CUDA device made current (nothing to do for CPU tensors under the interpreter)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
-    -inf entries add 0. Returns (m, z, exp(b_x - m), the factor the old sums were scaled by).
+
+def _on_inputs_device(fn):
+    """Runs a backend function (first argument: a tensor, or a list of them) on its inputs' device."""
+
+    @functools.wraps(fn)
+    def on_device(inputs, *args):
+        first = inputs[0] if isinstance(inputs, (list, tuple)) else inputs
+        with _device_context(first.device):
+            return fn(inputs, *args)
+
+    return on_device
+
+
+@triton.jit
+def _scalar(x, ACC: tl.constexpr):
+    """A float64 scalar argument (a Python float under the interpreter) in the accumulator dtype."""
+    return tl.full([], x, ACC)
+
+
+@triton.jit
+def _online_lse(max_x, sum_x, b_x):
+    """Fold block ``b_x`` ``[R, C]`` into the running per-row ``max_x`` and ``sum_x = sum exp(x - max_x)``.
+
+    -inf entries add 0. Returns (max, sum, exp(b_x - max), the factor the old sums were scaled by).
     """
-    m_new = tl.maximum(m, tl.max(b_x, 1))
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    b_e = tl.exp(b_x - m_safe[:, None])
-    alpha = tl.exp(m - m_safe)
-    return m_new, z * alpha + tl.sum(b_e, 1), b_e, alpha
+    max_new = tl.maximum(max_x, tl.max(b_x, 1))
+    max_safe = tl.where(max_new == float("-inf"), 0.0, max_new)
+    b_e = tl.exp(b_x - max_safe[:, None])
+    alpha = tl.exp(max_x - max_safe)
+    return max_new, sum_x * alpha + tl.sum(b_e, 1), b_e, alpha
 
 
 @triton.jit
@@ -61,41 +94,44 @@ def _div(x, y):
 
 
 @triton.jit
-def _kl_from_online(m_s, z_s, m_t, z_t, a):
-    """kl = sum p (t - s) + lse_s - lse_t per row from the running sums, and the float64 lses; 0 where
-    the teacher row is empty. Maxima and log-sums are subtracted apart, so no large lse rounds."""
-    log_z_s = tl.log(z_s)
-    log_z_t = tl.log(z_t)
-    has_entries = z_t > 0
-    kl = tl.where(has_entries, _div(a, z_t) + (m_s - m_t) + (log_z_s - log_z_t), 0.0)
-    lse_s = m_s.to(tl.float64) + log_z_s.to(tl.float64)
-    lse_t = m_t.to(tl.float64) + log_z_t.to(tl.float64)
-    return kl, tl.where(has_entries, lse_s, 0.0), tl.where(has_entries, lse_t, 0.0)
+def _kl_from_online(max_s, sum_s, max_t, sum_t, cross):
+    """Per row ``kl = sum p (t - s) + lse_s - lse_t`` from the running sums, and the float64 lses.
+
+    ``lse_s - lse_t`` is taken as ``(max_s - max_t) + log(sum_s / sum_t)``: one rounding where two
+    large logs would each round. A row whose teacher has no entry (``sum_t = 0``) gives kl 0 and
+    lses -inf (the log-sum-exp of nothing), which backward reads as "no gradient".
+    """
+    has_entries = sum_t > 0
+    kl = _div(cross, sum_t) + (max_s - max_t) + tl.log(_div(sum_s, sum_t))
+    lse_s = max_s.to(tl.float64) + tl.log(sum_s.to(tl.float64))
+    lse_t = max_t.to(tl.float64) + tl.log(sum_t.to(tl.float64))
+    none = float("-inf")
+    return tl.where(has_entries, kl, 0.0), tl.where(has_entries, lse_s, none), tl.where(has_entries, lse_t, none)
 
 
 @triton.jit
-def _load_lse(p_lse, m_r, ACC: tl.constexpr):
+def _load_lse(p_lse, m_rows, ACC: tl.constexpr):
     """Float64 lses as (hi, lo) in ACC with hi + lo = lse: exp((x - hi) - lo) keeps x's precision."""
-    lse = tl.load(p_lse, mask=m_r, other=0.0)
+    lse = tl.load(p_lse, mask=m_rows, other=0.0)
     hi = lse.to(ACC)
     return hi, (lse - hi.to(tl.float64)).to(ACC)
 
 
 @triton.jit
 def _row_tile(n_rows, p_mask, HAS_MASK: tl.constexpr, BLOCK_R: tl.constexpr):
-    """This program's rows: (o_r row indices, m_r in range, valid: in range and not masked)."""
+    """This program's rows: (o_r row indices, m_rows in range, m_valid: in range and not masked)."""
     o_r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
-    m_r = o_r < n_rows
-    valid = m_r
+    m_rows = o_r < n_rows
+    m_valid = m_rows
     if HAS_MASK:
-        valid = valid & (tl.load(p_mask + o_r, mask=m_r, other=0.0) != 0)
-    return o_r, m_r, valid
+        m_valid = m_valid & (tl.load(p_mask + o_r, mask=m_rows, other=0.0) != 0)
+    return o_r, m_rows, m_valid
 
 
 @triton.jit
-def _column_bound(valid, n_cols):
-    """n_cols, or 0 when no row of the tile is valid (a fully masked tile reads nothing)."""
-    return tl.where(tl.max(valid.to(tl.int32), 0) > 0, n_cols, 0)
+def _column_bound(m_valid, n_cols):
+    """n_cols, or 0 when no row of the tile is valid (a tile without a valid row reads nothing)."""
+    return tl.where(tl.max(m_valid.to(tl.int32), 0) > 0, n_cols, 0)
 
 
 # ----------------------------------------------------------------------------------------- logit
@@ -103,58 +139,64 @@ def _column_bound(valid, n_cols):
 
 @triton.jit
 def _logit_forward_kernel(
-    p_s, p_t, p_mask, p_rows, p_stats, n_rows, R1, V, s_stride0, s_stride1, t_stride0, t_stride1,
-    inv_temperature, temperature_sq, HAS_MASK: tl.constexpr, ACC: tl.constexpr, BLOCK_R: tl.constexpr,
+    p_s, p_t, p_mask, p_rows, p_stats, n_rows, R1, V, stride0_s, stride1_s, stride0_t, stride1_t,
+    temperature: tl.float64, HAS_MASK: tl.constexpr, ACC: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
-    """rows = T^2 (sum p (t' - s') + lse(s') - lse(t')), t' = t / T, s' = s / T; stats = the lses."""
-    o_r, m_r, valid = _row_tile(n_rows, p_mask, HAS_MASK, BLOCK_R)
-    o_s = (o_r // R1) * s_stride0 + (o_r % R1) * s_stride1  # [BLOCK_R]
-    o_t = (o_r // R1) * t_stride0 + (o_r % R1) * t_stride1  # [BLOCK_R]
-    m_s = tl.full([BLOCK_R], float("-inf"), ACC)
-    m_t = tl.full([BLOCK_R], float("-inf"), ACC)
-    z_s = tl.zeros([BLOCK_R], ACC)
-    z_t = tl.zeros([BLOCK_R], ACC)
-    a = tl.zeros([BLOCK_R], ACC)  # sum_v exp(t'_v - m_t) (t'_v - s'_v) = z_t * sum p (t' - s')
-    for start in range(0, _column_bound(valid, V), BLOCK_C):
+    """rows = T^2 (sum p (t' - s') + lse(s') - lse(t')), s' = s / T, t' = t / T; stats = the lses."""
+    inv_t = _scalar(1.0 / temperature, ACC)
+    o_r, m_rows, m_valid = _row_tile(n_rows, p_mask, HAS_MASK, BLOCK_R)
+    o_s = (o_r // R1) * stride0_s + (o_r % R1) * stride1_s  # [BLOCK_R]
+    o_t = (o_r // R1) * stride0_t + (o_r % R1) * stride1_t  # [BLOCK_R]
+    max_s = tl.full([BLOCK_R], float("-inf"), ACC)
+    max_t = tl.full([BLOCK_R], float("-inf"), ACC)
+    sum_s = tl.zeros([BLOCK_R], ACC)
+    sum_t = tl.zeros([BLOCK_R], ACC)
+    cross = tl.zeros([BLOCK_R], ACC)  # sum_v exp(t'_v - max_t) (t'_v - s'_v) = sum_t * sum p (t' - s')
+    for start in range(0, _column_bound(m_valid, V), BLOCK_C):
         o_v = start + tl.arange(0, BLOCK_C)
-        m_load = valid[:, None] & (o_v < V)[None, :]
-        b_s = tl.load(p_s + o_s[:, None] + o_v[None, :], mask=m_load, other=float("-inf")).to(ACC) * inv_temperature
-        b_t = tl.load(p_t + o_t[:, None] + o_v[None, :], mask=m_load, other=float("-inf")).to(ACC) * inv_temperature
-        m_s, z_s, _, _ = _online_lse(m_s, z_s, b_s)
-        m_t, z_t, b_e, alpha = _online_lse(m_t, z_t, b_t)
-        a = a * alpha + tl.sum(tl.where(b_e > 0, b_e * (b_t - b_s), 0.0), 1)
-    kl, lse_s, lse_t = _kl_from_online(m_s, z_s, m_t, z_t, a)
-    tl.store(p_rows + o_r, tl.where(valid, temperature_sq * kl, 0.0), mask=m_r)
-    tl.store(p_stats + o_r, lse_s, mask=m_r)
-    tl.store(p_stats + n_rows + o_r, lse_t, mask=m_r)
+        m_load = m_valid[:, None] & (o_v < V)[None, :]
+        b_s = tl.load(p_s + o_s[:, None] + o_v[None, :], mask=m_load, other=float("-inf")).to(ACC) * inv_t
+        b_t = tl.load(p_t + o_t[:, None] + o_v[None, :], mask=m_load, other=float("-inf")).to(ACC) * inv_t
+        max_s, sum_s, _, _ = _online_lse(max_s, sum_s, b_s)
+        max_t, sum_t, b_e, alpha = _online_lse(max_t, sum_t, b_t)
+        cross = cross * alpha + tl.sum(tl.where(b_e > 0, b_e * (b_t - b_s), 0.0), 1)
+    kl, lse_s, lse_t = _kl_from_online(max_s, sum_s, max_t, sum_t, cross)
+    t_sq = _scalar(temperature * temperature, ACC)
+    tl.store(p_rows + o_r, t_sq * kl, mask=m_rows)
+    tl.store(p_stats + o_r, lse_s, mask=m_rows)
+    tl.store(p_stats + n_rows + o_r, lse_t, mask=m_rows)
 
 
 @triton.jit
 def _logit_backward_kernel(
-    p_s, p_t, p_mask, p_stats, p_grad_rows, p_grad, n_rows, R1, V, s_stride0, s_stride1, t_stride0,
-    t_stride1, inv_temperature, temperature, HAS_MASK: tl.constexpr, ACC: tl.constexpr,
+    p_s, p_t, p_mask, p_stats, p_grad_rows, p_grad, n_rows, R1, V, stride0_s, stride1_s, stride0_t,
+    stride1_t, temperature: tl.float64, HAS_MASK: tl.constexpr, ACC: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """grad = grad_rows * T * (q - p), q = exp(s' - lse_s), p = exp(t' - lse_t); 0 on masked rows."""
-    o_r, m_r, valid = _row_tile(n_rows, p_mask, HAS_MASK, BLOCK_R)
-    o_s = (o_r // R1) * s_stride0 + (o_r % R1) * s_stride1  # [BLOCK_R]
-    o_t = (o_r // R1) * t_stride0 + (o_r % R1) * t_stride1  # [BLOCK_R]
-    lse_s_hi, lse_s_lo = _load_lse(p_stats + o_r, m_r, ACC)
-    lse_t_hi, lse_t_lo = _load_lse(p_stats + n_rows + o_r, m_r, ACC)
-    b_scale = tl.load(p_grad_rows + o_r, mask=valid, other=0.0).to(ACC) * temperature  # [BLOCK_R]
+    """grad = grad_rows * T * (q - p), q = exp(s' - lse_s), p = exp(t' - lse_t); 0 on rows that
+    contribute nothing (masked, or lse_t = -inf)."""
+    inv_t = _scalar(1.0 / temperature, ACC)
+    o_r, m_rows, m_valid = _row_tile(n_rows, p_mask, HAS_MASK, BLOCK_R)
+    o_s = (o_r // R1) * stride0_s + (o_r % R1) * stride1_s  # [BLOCK_R]
+    o_t = (o_r // R1) * stride0_t + (o_r % R1) * stride1_t  # [BLOCK_R]
+    lse_s_hi, lse_s_lo = _load_lse(p_stats + o_r, m_rows, ACC)
+    lse_t_hi, lse_t_lo = _load_lse(p_stats + n_rows + o_r, m_rows, ACC)
+    m_valid = m_valid & (lse_t_hi > float("-inf"))
+    b_scale = tl.load(p_grad_rows + o_r, mask=m_valid, other=0.0).to(ACC) * _scalar(temperature, ACC)  # [BLOCK_R]
     for start in range(0, V, BLOCK_C):
         o_v = start + tl.arange(0, BLOCK_C)
-        m_v = (o_v < V)[None, :]
-        m_load = valid[:, None] & m_v
-        b_s = tl.load(p_s + o_s[:, None] + o_v[None, :], mask=m_load, other=0.0).to(ACC) * inv_temperature
-        b_t = tl.load(p_t + o_t[:, None] + o_v[None, :], mask=m_load, other=float("-inf")).to(ACC) * inv_temperature
+        m_cols = (o_v < V)[None, :]
+        m_load = m_valid[:, None] & m_cols
+        b_s = tl.load(p_s + o_s[:, None] + o_v[None, :], mask=m_load, other=0.0).to(ACC) * inv_t
+        b_t = tl.load(p_t + o_t[:, None] + o_v[None, :], mask=m_load, other=float("-inf")).to(ACC) * inv_t
         b_q = tl.exp((b_s - lse_s_hi[:, None]) - lse_s_lo[:, None])
         b_p = tl.exp((b_t - lse_t_hi[:, None]) - lse_t_lo[:, None])
         b_g = tl.where(m_load, b_scale[:, None] * (b_q - b_p), 0.0)
-        tl.store(p_grad + o_r[:, None] * V + o_v[None, :], b_g.to(p_grad.dtype.element_ty), mask=m_r[:, None] & m_v)
+        tl.store(p_grad + o_r[:, None] * V + o_v[None, :], b_g.to(p_grad.dtype.element_ty), mask=m_rows[:, None] & m_cols)
 
 
+@_on_inputs_device
 def logit_forward(student, teacher, mask, temperature):
     """rows = T^2 sum_v p_v (log p_v - log q_v) per row, stats = (lse(s / T), lse(t / T))."""
     r0, r1, vocab = student.shape
@@ -165,13 +207,14 @@ def logit_forward(student, teacher, mask, temperature):
         tile = _tile("logit", n_rows, vocab)
         _logit_forward_kernel[(triton.cdiv(n_rows, tile["BLOCK_R"]),)](
             student, teacher, mask, rows, stats, n_rows, r1, vocab, *student.stride()[:2], *teacher.stride()[:2],
-            1.0 / temperature, temperature**2, HAS_MASK=mask is not None, ACC=_tl(rows.dtype), **tile,
+            temperature, HAS_MASK=mask is not None, ACC=_tl(rows.dtype), **tile,
         )
     return rows, stats
 
 
+@_on_inputs_device
 def logit_backward(student, teacher, mask, temperature, stats, grad_rows):
-    """grad = grad_rows * T * (q - p), 0 on masked rows."""
+    """grad = grad_rows * T * (q - p), 0 on rows that contribute nothing."""
     r0, r1, vocab = student.shape
     n_rows = r0 * r1
     grad = torch.empty(student.shape, dtype=student.dtype, device=student.device)
@@ -179,13 +222,35 @@ def logit_backward(student, teacher, mask, temperature, stats, grad_rows):
         tile = _tile("logit", n_rows, vocab)
         _logit_backward_kernel[(triton.cdiv(n_rows, tile["BLOCK_R"]),)](
             student, teacher, mask, stats, grad_rows, grad, n_rows, r1, vocab, *student.stride()[:2],
-            *teacher.stride()[:2], 1.0 / temperature, temperature, HAS_MASK=mask is not None,
+            *teacher.stride()[:2], temperature, HAS_MASK=mask is not None,
             ACC=_tl(acc_dtype(student, teacher)), **tile,
         )
     return grad
 
 
 # ----------------------------------------------------------------------------------- pair tables
+
+
+class PairTable:
+    """The fields of one pair's row in a kernel's int64 table, named once.
+
+    A field's offset is its position: kernels read ``tl.load(p_entry + TABLE.<field>)``, launchers
+    build a row with ``TABLE.pack(<field>=value, ...)``, and ``TABLE.width`` is the row's length.
+    """
+
+    __triton_builtin__ = True  # lets Triton kernels read this global's attributes (compile-time ints)
+
+    def __init__(self, *fields: str) -> None:
+        self.fields = fields
+        self.width = len(fields)
+        for offset, name in enumerate(fields):
+            setattr(self, name, offset)
+
+    def pack(self, **values: int) -> tuple[int, ...]:
+        if set(values) != set(self.fields):
+            raise KeyError(f"table fields: got {sorted(values)}, expected {sorted(self.fields)}")
+        return tuple(values[name] for name in self.fields)
+
 
 _TABLES: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # key -> (device table, its host copy)
 _MAX_TABLES = 256
@@ -239,8 +304,11 @@ def _pair_launches(students, teachers, row_counts, entry):
 
 # ---------------------------------------------------------------------------------------- hidden
 
-# Table fields of one hidden pair (views [R0, R1, D]): addresses of s, t, grad; rows R0*R1; first row
-# in the concatenation; R1; D; strides of s's and t's two leading dimensions.
+# One hidden pair (views [R0, R1, D]): addresses of s, t and grad (0 in the forward); its rows
+# R0 * R1; its first row in the concatenated rows; R1; D; the strides of the two leading dims.
+HIDDEN_TABLE = PairTable(
+    "p_s", "p_t", "p_grad", "n_rows", "first_row", "R1", "D", "stride0_s", "stride1_s", "stride0_t", "stride1_t"
+)
 
 
 @triton.jit
@@ -249,43 +317,45 @@ def _hidden_kernel(
     S_DTYPE: tl.constexpr, T_DTYPE: tl.constexpr, ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """Forward: rows = sum_d (s - t)^2 / D. Backward: grad = grad_rows * 2 (s - t) / D."""
-    p_entry = p_table + tl.program_id(1) * 11
-    first_row = tl.load(p_entry + 4)
-    R1 = tl.load(p_entry + 5)
-    D = tl.load(p_entry + 6)
-    o_r, m_r, valid = _row_tile(tl.load(p_entry + 3), p_mask, HAS_MASK, BLOCK_R)
-    o_s = (o_r // R1) * tl.load(p_entry + 7) + (o_r % R1) * tl.load(p_entry + 8)  # [BLOCK_R]
-    o_t = (o_r // R1) * tl.load(p_entry + 9) + (o_r % R1) * tl.load(p_entry + 10)  # [BLOCK_R]
-    p_s = tl.load(p_entry + 0).to(tl.pointer_type(S_DTYPE))
-    p_t = tl.load(p_entry + 1).to(tl.pointer_type(T_DTYPE))
+    p_entry = p_table + tl.program_id(1) * HIDDEN_TABLE.width
+    first_row = tl.load(p_entry + HIDDEN_TABLE.first_row)
+    R1 = tl.load(p_entry + HIDDEN_TABLE.R1)
+    D = tl.load(p_entry + HIDDEN_TABLE.D)
+    o_r, m_rows, m_valid = _row_tile(tl.load(p_entry + HIDDEN_TABLE.n_rows), p_mask, HAS_MASK, BLOCK_R)
+    o_s = (o_r // R1) * tl.load(p_entry + HIDDEN_TABLE.stride0_s) + (o_r % R1) * tl.load(p_entry + HIDDEN_TABLE.stride1_s)
+    o_t = (o_r // R1) * tl.load(p_entry + HIDDEN_TABLE.stride0_t) + (o_r % R1) * tl.load(p_entry + HIDDEN_TABLE.stride1_t)
+    p_s = tl.load(p_entry + HIDDEN_TABLE.p_s).to(tl.pointer_type(S_DTYPE))
+    p_t = tl.load(p_entry + HIDDEN_TABLE.p_t).to(tl.pointer_type(T_DTYPE))
     if BACKWARD:
-        p_g = tl.load(p_entry + 2).to(tl.pointer_type(S_DTYPE))
-        b_scale = tl.load(p_grad_rows + first_row + o_r, mask=valid, other=0.0).to(ACC) * 2.0 / D  # [BLOCK_R]
+        p_grad = tl.load(p_entry + HIDDEN_TABLE.p_grad).to(tl.pointer_type(S_DTYPE))
+        b_scale = tl.load(p_grad_rows + first_row + o_r, mask=m_valid, other=0.0).to(ACC) * 2.0 / D  # [BLOCK_R]
         n_cols = D
     else:
         acc = tl.zeros([BLOCK_R, BLOCK_C], ACC)
-        n_cols = _column_bound(valid, D)
+        n_cols = _column_bound(m_valid, D)
     for start in range(0, n_cols, BLOCK_C):
         o_d = start + tl.arange(0, BLOCK_C)
-        m_d = (o_d < D)[None, :]
-        m_load = valid[:, None] & m_d
+        m_cols = (o_d < D)[None, :]
+        m_load = m_valid[:, None] & m_cols
         b_s = tl.load(p_s + o_s[:, None] + o_d[None, :], mask=m_load, other=0.0).to(ACC)  # [BLOCK_R, BLOCK_C]
         b_t = tl.load(p_t + o_t[:, None] + o_d[None, :], mask=m_load, other=0.0).to(ACC)  # [BLOCK_R, BLOCK_C]
         if BACKWARD:
             b_g = b_scale[:, None] * (b_s - b_t)
-            tl.store(p_g + o_r[:, None] * D + o_d[None, :], b_g.to(S_DTYPE), mask=m_r[:, None] & m_d)
+            tl.store(p_grad + o_r[:, None] * D + o_d[None, :], b_g.to(S_DTYPE), mask=m_rows[:, None] & m_cols)
         else:
             acc += (b_s - b_t) * (b_s - b_t)
     if not BACKWARD:
-        tl.store(p_rows + first_row + o_r, tl.sum(acc, 1) / D, mask=m_r)
+        tl.store(p_rows + first_row + o_r, tl.sum(acc, 1) / D, mask=m_rows)
 
 
 def _hidden_launch(students, teachers, mask, rows, grad_rows, grads):
     def entry(i, first_row):
         s, t = students[i], teachers[i]
-        grad_address = grads[i].data_ptr() if grads else 0
-        return (s.data_ptr(), t.data_ptr(), grad_address, s.shape[0] * s.shape[1], first_row, s.shape[1],
-                s.shape[2], *s.stride()[:2], *t.stride()[:2])
+        return HIDDEN_TABLE.pack(
+            p_s=s.data_ptr(), p_t=t.data_ptr(), p_grad=grads[i].data_ptr() if grads else 0,
+            n_rows=s.shape[0] * s.shape[1], first_row=first_row, R1=s.shape[1], D=s.shape[2],
+            stride0_s=s.stride(0), stride1_s=s.stride(1), stride0_t=t.stride(0), stride1_t=t.stride(1),
+        )
 
     counts = [s.shape[0] * s.shape[1] for s in students]
     for (s_dtype, t_dtype), entries, max_rows, max_cols in _pair_launches(students, teachers, counts, entry):
@@ -297,6 +367,7 @@ def _hidden_launch(students, teachers, mask, rows, grad_rows, grads):
         )
 
 
+@_on_inputs_device
 def hidden_forward(students, teachers, mask):
     """rows = sum_d (s - t)^2 / D per row of each pair, concatenated; all pairs in one launch."""
     count = sum(s.shape[0] * s.shape[1] for s in students)
@@ -305,6 +376,7 @@ def hidden_forward(students, teachers, mask):
     return rows
 
 
+@_on_inputs_device
 def hidden_backward(students, teachers, mask, grad_rows):
     """grad = grad_rows * 2 (s - t) / D, 0 on masked rows; all pairs in one launch."""
     grads = [torch.empty(s.shape, dtype=s.dtype, device=s.device) for s in students]
@@ -314,40 +386,41 @@ def hidden_backward(students, teachers, mask, grad_rows):
 
 # ------------------------------------------------------------------------------------- attention
 
-# Table fields of one attention pair (contiguous [B, H, Lq, Lk]): addresses of s, t, grad; rows
-# B*H*Lq; first row in the concatenation; Lk; H*Lq (rows per batch); Lq.
+# One attention pair (contiguous [B, H, Lq, Lk]): addresses of s, t and grad (0 in the forward);
+# its rows B * H * Lq; its first row in the concatenated rows; Lk; H * Lq (rows per batch); Lq.
+ATTENTION_TABLE = PairTable("p_s", "p_t", "p_grad", "n_rows", "first_row", "Lk", "rows_per_batch", "Lq")
 
 
 @triton.jit
 def _attention_tile(p_table, p_mask, HAS_MASK: tl.constexpr, S_DTYPE: tl.constexpr, T_DTYPE: tl.constexpr,
                     BLOCK_R: tl.constexpr):
     """This program's pair (program id 1) and query rows: (pointers to the pair's student, teacher and
-    gradient (0 in the forward), o_r, m_r, valid, first row, Lk, each row's offset of its batch's mask
-    row). The row mask of row (b, h, i) is mask[b, i]."""
-    p_entry = p_table + tl.program_id(1) * 8
-    p_s = tl.load(p_entry + 0).to(tl.pointer_type(S_DTYPE))
-    p_t = tl.load(p_entry + 1).to(tl.pointer_type(T_DTYPE))
-    p_g = tl.load(p_entry + 2).to(tl.pointer_type(S_DTYPE))
-    n_rows = tl.load(p_entry + 3)
-    rows_per_batch = tl.load(p_entry + 6)
-    Lq = tl.load(p_entry + 7)
+    gradient (0 in the forward), o_r, m_rows, m_valid, first row, Lk, each row's offset of its batch's
+    mask row). The row mask of row (b, h, i) is mask[b, i]."""
+    p_entry = p_table + tl.program_id(1) * ATTENTION_TABLE.width
+    p_s = tl.load(p_entry + ATTENTION_TABLE.p_s).to(tl.pointer_type(S_DTYPE))
+    p_t = tl.load(p_entry + ATTENTION_TABLE.p_t).to(tl.pointer_type(T_DTYPE))
+    p_grad = tl.load(p_entry + ATTENTION_TABLE.p_grad).to(tl.pointer_type(S_DTYPE))
+    n_rows = tl.load(p_entry + ATTENTION_TABLE.n_rows)
+    Lq = tl.load(p_entry + ATTENTION_TABLE.Lq)
     o_r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
-    m_r = o_r < n_rows
-    o_mask = (o_r // rows_per_batch) * Lq  # [BLOCK_R]
-    valid = m_r
+    m_rows = o_r < n_rows
+    o_mask = (o_r // tl.load(p_entry + ATTENTION_TABLE.rows_per_batch)) * Lq  # [BLOCK_R]
+    m_valid = m_rows
     if HAS_MASK:
-        valid = valid & (tl.load(p_mask + o_mask + o_r % Lq, mask=m_r, other=0.0) != 0)
-    return p_s, p_t, p_g, o_r, m_r, valid, tl.load(p_entry + 4), tl.load(p_entry + 5), o_mask
+        m_valid = m_valid & (tl.load(p_mask + o_mask + o_r % Lq, mask=m_rows, other=0.0) != 0)
+    first_row = tl.load(p_entry + ATTENTION_TABLE.first_row)
+    return p_s, p_t, p_grad, o_r, m_rows, m_valid, first_row, tl.load(p_entry + ATTENTION_TABLE.Lk), o_mask
 
 
 @triton.jit
 def _kept_keys(b_s, b_t, o_k, m_load, p_mask, o_mask, HAS_MASK: tl.constexpr, S_LOWEST: tl.constexpr,
                T_LOWEST: tl.constexpr):
     """kind="scores": keys loaded, unmasked, and with neither score -inf nor its dtype's lowest."""
-    keep = m_load & (b_s > S_LOWEST) & (b_t > T_LOWEST)
+    m_keep = m_load & (b_s > S_LOWEST) & (b_t > T_LOWEST)
     if HAS_MASK:
-        keep = keep & (tl.load(p_mask + o_mask[:, None] + o_k[None, :], mask=m_load, other=0.0) != 0)
-    return keep
+        m_keep = m_keep & (tl.load(p_mask + o_mask[:, None] + o_k[None, :], mask=m_load, other=0.0) != 0)
+    return m_keep
 
 
 @triton.jit
@@ -357,38 +430,38 @@ def _attention_forward_kernel(
     ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """rows = sum_k p_k (log p_k - log q_k); scores: also stats = (lse_s, lse_t) over kept keys."""
-    p_s, p_t, p_g, o_r, m_r, valid, first_row, Lk, o_mask = _attention_tile(
+    p_s, p_t, p_grad, o_r, m_rows, m_valid, first_row, Lk, o_mask = _attention_tile(
         p_table, p_mask, HAS_MASK, S_DTYPE, T_DTYPE, BLOCK_R
     )
     if SCORES:
-        m_s = tl.full([BLOCK_R], float("-inf"), ACC)
-        m_t = tl.full([BLOCK_R], float("-inf"), ACC)
-        z_s = tl.zeros([BLOCK_R], ACC)
-        z_t = tl.zeros([BLOCK_R], ACC)
-        a = tl.zeros([BLOCK_R], ACC)  # sum_k exp(t_k - m_t) (t_k - s_k) over kept keys
+        max_s = tl.full([BLOCK_R], float("-inf"), ACC)
+        max_t = tl.full([BLOCK_R], float("-inf"), ACC)
+        sum_s = tl.zeros([BLOCK_R], ACC)
+        sum_t = tl.zeros([BLOCK_R], ACC)
+        cross = tl.zeros([BLOCK_R], ACC)  # sum_k exp(t_k - max_t) (t_k - s_k) over kept keys
     else:
         acc = tl.zeros([BLOCK_R, BLOCK_C], ACC)
-    for start in range(0, _column_bound(valid, Lk), BLOCK_C):
+    for start in range(0, _column_bound(m_valid, Lk), BLOCK_C):
         o_k = start + tl.arange(0, BLOCK_C)
-        m_load = valid[:, None] & (o_k < Lk)[None, :]
+        m_load = m_valid[:, None] & (o_k < Lk)[None, :]
         b_s = tl.load(p_s + o_r[:, None] * Lk + o_k[None, :], mask=m_load, other=0.0).to(ACC)  # [BLOCK_R, BLOCK_C]
         b_t = tl.load(p_t + o_r[:, None] * Lk + o_k[None, :], mask=m_load, other=0.0).to(ACC)  # [BLOCK_R, BLOCK_C]
         if SCORES:
-            keep = _kept_keys(b_s, b_t, o_k, m_load, p_mask, o_mask, HAS_MASK, S_LOWEST, T_LOWEST)
-            m_s, z_s, _, _ = _online_lse(m_s, z_s, tl.where(keep, b_s, float("-inf")))
-            m_t, z_t, b_e, alpha = _online_lse(m_t, z_t, tl.where(keep, b_t, float("-inf")))
-            a = a * alpha + tl.sum(tl.where(keep, b_e * (b_t - b_s), 0.0), 1)
+            m_keep = _kept_keys(b_s, b_t, o_k, m_load, p_mask, o_mask, HAS_MASK, S_LOWEST, T_LOWEST)
+            max_s, sum_s, _, _ = _online_lse(max_s, sum_s, tl.where(m_keep, b_s, float("-inf")))
+            max_t, sum_t, b_e, alpha = _online_lse(max_t, sum_t, tl.where(m_keep, b_t, float("-inf")))
+            cross = cross * alpha + tl.sum(tl.where(m_keep, b_e * (b_t - b_s), 0.0), 1)
         else:
-            has_p = b_t > 0
-            log_ratio = tl.log(tl.where(has_p, b_t, 1.0)) - tl.log(tl.maximum(b_s, TINY))
-            acc += tl.where(has_p, b_t * log_ratio, 0.0)
+            m_p = b_t > 0
+            b_log_ratio = tl.log(tl.where(m_p, b_t, 1.0)) - tl.log(tl.maximum(b_s, TINY))
+            acc += tl.where(m_p, b_t * b_log_ratio, 0.0)
     if SCORES:
-        kl, lse_s, lse_t = _kl_from_online(m_s, z_s, m_t, z_t, a)
-        tl.store(p_stats + first_row + o_r, lse_s, mask=m_r)
-        tl.store(p_stats + total_rows + first_row + o_r, lse_t, mask=m_r)
+        kl, lse_s, lse_t = _kl_from_online(max_s, sum_s, max_t, sum_t, cross)
+        tl.store(p_stats + first_row + o_r, lse_s, mask=m_rows)
+        tl.store(p_stats + total_rows + first_row + o_r, lse_t, mask=m_rows)
     else:
         kl = tl.sum(acc, 1)
-    tl.store(p_rows + first_row + o_r, tl.where(valid, kl, 0.0), mask=m_r)
+    tl.store(p_rows + first_row + o_r, tl.where(m_valid, kl, 0.0), mask=m_rows)
 
 
 @triton.jit
@@ -397,37 +470,42 @@ def _attention_backward_kernel(
     S_DTYPE: tl.constexpr, T_DTYPE: tl.constexpr, S_LOWEST: tl.constexpr, T_LOWEST: tl.constexpr,
     ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """probs: grad = grad_rows * (-p / q) where p > 0 and q >= TINY; scores: grad_rows * (q - p)."""
-    p_s, p_t, p_g, o_r, m_r, valid, first_row, Lk, o_mask = _attention_tile(
+    """probs: grad = grad_rows * (-p / q) where p > 0 and q >= TINY; scores: grad_rows * (q - p) on
+    kept keys, 0 on rows without one (lse_t = -inf)."""
+    p_s, p_t, p_grad, o_r, m_rows, m_valid, first_row, Lk, o_mask = _attention_tile(
         p_table, p_mask, HAS_MASK, S_DTYPE, T_DTYPE, BLOCK_R
     )
-    b_scale = tl.load(p_grad_rows + first_row + o_r, mask=valid, other=0.0).to(ACC)  # [BLOCK_R]
     if SCORES:
-        lse_s_hi, lse_s_lo = _load_lse(p_stats + first_row + o_r, m_r, ACC)
-        lse_t_hi, lse_t_lo = _load_lse(p_stats + total_rows + first_row + o_r, m_r, ACC)
+        lse_s_hi, lse_s_lo = _load_lse(p_stats + first_row + o_r, m_rows, ACC)
+        lse_t_hi, lse_t_lo = _load_lse(p_stats + total_rows + first_row + o_r, m_rows, ACC)
+        m_valid = m_valid & (lse_t_hi > float("-inf"))
+    b_scale = tl.load(p_grad_rows + first_row + o_r, mask=m_valid, other=0.0).to(ACC)  # [BLOCK_R]
     for start in range(0, Lk, BLOCK_C):
         o_k = start + tl.arange(0, BLOCK_C)
-        m_k = (o_k < Lk)[None, :]
-        m_load = valid[:, None] & m_k
+        m_cols = (o_k < Lk)[None, :]
+        m_load = m_valid[:, None] & m_cols
         b_s = tl.load(p_s + o_r[:, None] * Lk + o_k[None, :], mask=m_load, other=0.0).to(ACC)  # [BLOCK_R, BLOCK_C]
         b_t = tl.load(p_t + o_r[:, None] * Lk + o_k[None, :], mask=m_load, other=0.0).to(ACC)  # [BLOCK_R, BLOCK_C]
         if SCORES:
-            keep = _kept_keys(b_s, b_t, o_k, m_load, p_mask, o_mask, HAS_MASK, S_LOWEST, T_LOWEST)
+            m_keep = _kept_keys(b_s, b_t, o_k, m_load, p_mask, o_mask, HAS_MASK, S_LOWEST, T_LOWEST)
             b_q = tl.exp((b_s - lse_s_hi[:, None]) - lse_s_lo[:, None])
             b_p = tl.exp((b_t - lse_t_hi[:, None]) - lse_t_lo[:, None])
-            b_dkl = tl.where(keep, b_q - b_p, 0.0)
+            b_dkl = tl.where(m_keep, b_q - b_p, 0.0)
         else:
-            keep = (b_t > 0) & (b_s >= TINY)
-            b_dkl = tl.where(keep, -b_t / tl.where(keep, b_s, 1.0), 0.0)
-        tl.store(p_g + o_r[:, None] * Lk + o_k[None, :], (b_scale[:, None] * b_dkl).to(S_DTYPE), mask=m_r[:, None] & m_k)
+            m_keep = (b_t > 0) & (b_s >= TINY)
+            b_dkl = tl.where(m_keep, -b_t / tl.where(m_keep, b_s, 1.0), 0.0)
+        tl.store(p_grad + o_r[:, None] * Lk + o_k[None, :], (b_scale[:, None] * b_dkl).to(S_DTYPE),
+                 mask=m_rows[:, None] & m_cols)
 
 
 def _attention_launch(kernel, students, teachers, mask, kind, outputs, grads):
     def entry(i, first_row):
         s, t = students[i], teachers[i]
         batch, heads, lq, lk = s.shape
-        grad_address = grads[i].data_ptr() if grads else 0
-        return (s.data_ptr(), t.data_ptr(), grad_address, batch * heads * lq, first_row, lk, heads * lq, lq)
+        return ATTENTION_TABLE.pack(
+            p_s=s.data_ptr(), p_t=t.data_ptr(), p_grad=grads[i].data_ptr() if grads else 0,
+            n_rows=batch * heads * lq, first_row=first_row, Lk=lk, rows_per_batch=heads * lq, Lq=lq,
+        )
 
     counts = [s.shape[0] * s.shape[1] * s.shape[2] for s in students]
     for (s_dtype, t_dtype), entries, max_rows, max_cols in _pair_launches(students, teachers, counts, entry):
@@ -440,6 +518,7 @@ def _attention_launch(kernel, students, teachers, mask, kind, outputs, grads):
         )
 
 
+@_on_inputs_device
 def attention_forward(students, teachers, mask, kind):
     """rows = kl per query row of every pair (one launch); stats = (lse_s, lse_t) for scores."""
     count = sum(s.shape[0] * s.shape[1] * s.shape[2] for s in students)
@@ -450,8 +529,9 @@ def attention_forward(students, teachers, mask, kind):
     return rows, stats
 
 
+@_on_inputs_device
 def attention_backward(students, teachers, mask, kind, stats, grad_rows):
-    """Gradient of each student, 0 on masked rows and dropped keys (one launch)."""
+    """Gradient of each student, 0 on masked rows, rows without a kept key, and dropped keys (one launch)."""
     grads = [torch.empty(s.shape, dtype=s.dtype, device=s.device) for s in students]
     _attention_launch(_attention_backward_kernel, students, teachers, mask, kind, (stats, grad_rows), grads)
     return grads

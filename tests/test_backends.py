@@ -1,0 +1,147 @@
+"""The contract of ``fastkd.backends``, checked on each backend's functions directly: the layout of
+the stats a forward pass leaves (float64 log-sum-exps, -inf for a row that contributes nothing) and
+the zero gradient of such rows; and, for Triton, that every launch runs on the inputs' device."""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+from conftest import CUDA
+
+import fastkd
+from fastkd import _backend
+from fastkd._layout import rows_view
+
+
+def backend_functions(device):
+    """The module of the backend the ``device`` fixture selected."""
+    return _backend.module(_backend.resolve(device))
+
+
+def test_logit_stats_and_rows_that_contribute_nothing(device):
+    """Masked rows and rows whose teacher has no finite logit: value 0, stats -inf, gradient 0;
+    every other row: the float64 log-sum-exps of s / T and t / T."""
+    temperature = 1.5
+    s, t = torch.randn(2, 5, 300) * 3, torch.randn(2, 5, 300) * 3
+    t[0, 1] = float("-inf")
+    t[1, 4, ::3] = float("-inf")  # a partly masked vocabulary still counts
+    mask = torch.ones(10)
+    mask[[3, 7]] = 0
+    dead = torch.zeros(10, dtype=torch.bool)
+    dead[[1, 3, 7]] = True
+    kernels = backend_functions(device)
+    s_rows, t_rows, m = rows_view(s.to(device)), rows_view(t.to(device)), mask.to(device)
+    rows, stats = kernels.logit_forward(s_rows, t_rows, m, temperature)
+    assert stats.dtype == torch.float64 and stats.shape == (2, 10)
+    want = torch.stack([(s.double() / temperature).logsumexp(-1).flatten(),
+                        (t.double() / temperature).logsumexp(-1).flatten()])
+    stats = stats.cpu()
+    assert torch.isneginf(stats).equal(dead[None].expand(2, 10))
+    assert torch.allclose(stats[:, ~dead], want[:, ~dead], rtol=1e-7, atol=0)
+    assert rows.cpu()[dead].eq(0).all() and torch.isfinite(rows).all()
+    grad = kernels.logit_backward(s_rows, t_rows, m, temperature, stats.to(device), torch.randn(10).to(device))
+    grad = grad.cpu().view(10, 300)
+    assert grad[dead].eq(0).all() and torch.isfinite(grad).all() and grad[~dead].abs().sum() > 0
+
+
+def test_attention_stats_and_rows_that_contribute_nothing(device):
+    """kind="scores": masked query rows and rows with every key dropped have stats -inf and get
+    gradient 0; kind="probs" leaves no stats."""
+    batch, heads, length = 2, 2, 6
+    s, t = torch.randn(batch, heads, length, length) * 2, torch.randn(batch, heads, length, length) * 2
+    s[0, 1, 2] = float("-inf")  # every key of (0, 1, 2) dropped by the student
+    t[1, 0, 4, :] = torch.finfo(torch.float32).min  # and of (1, 0, 4) by the teacher
+    mask = torch.ones(batch, length)
+    mask[1, 5] = 0  # query (and key) 5 of batch 1 is padding
+    kernels = backend_functions(device)
+    rows, stats = kernels.attention_forward([s.to(device)], [t.to(device)], mask.to(device), "scores")
+    dead = torch.zeros(batch, heads, length, dtype=torch.bool)
+    dead[0, 1, 2] = dead[1, 0, 4] = True
+    dead[1, :, 5] = True
+    keep = mask[:, None, None, :].expand_as(s) != 0
+    want = torch.stack([s.double().masked_fill(~keep, -torch.inf).logsumexp(-1),
+                        t.double().masked_fill(~keep, -torch.inf).logsumexp(-1)]).flatten(1)
+    dead = dead.flatten()
+    stats = stats.cpu()
+    assert torch.isneginf(stats).equal(dead[None].expand(2, -1))
+    assert torch.allclose(stats[:, ~dead], want[:, ~dead], rtol=1e-7, atol=0)
+    assert rows.cpu()[dead].eq(0).all()
+    (grad,) = kernels.attention_backward([s.to(device)], [t.to(device)], mask.to(device), "scores",
+                                         stats.to(device), torch.randn(dead.numel()).to(device))
+    grad = grad.cpu().flatten(0, 2)
+    assert grad[dead].eq(0).all() and torch.isfinite(grad).all() and grad[~dead].abs().sum() > 0
+    probs = torch.softmax(s, -1).to(device)
+    _, no_stats = kernels.attention_forward([probs], [torch.softmax(t, -1).to(device)], None, "probs")
+    assert no_stats.shape == (2, 0)
+
+
+# --------------------------------------------------------------------------------------------
+# Triton launches on the inputs' device
+
+
+def run_every_loss(device):
+    """Forward and backward of each loss (and each attention kind) on small tensors of ``device``."""
+    s = torch.randn(2, 3, 50, device=device, requires_grad=True)
+    t = torch.randn(2, 3, 50, device=device)
+    fastkd.logit_kl(s, t, temperature=2.0).backward()
+    fastkd.hidden_mse([s, s[:, :2]], [t, t[:, :2]]).backward()
+    for kind in ("probs", "scores"):
+        maps = torch.softmax(torch.randn(2, 2, 4, 4, device=device), -1).requires_grad_()
+        fastkd.attention_kl(maps, torch.softmax(torch.randn(2, 2, 4, 4, device=device), -1), kind=kind).backward()
+    return s.grad
+
+
+def test_every_triton_launch_runs_inside_its_inputs_device_context(monkeypatch):
+    """Each kernel launch happens while the inputs' device is made current (the guard that sends a
+    launch to ``cuda:1`` when ``cuda:0`` is current): checked under the interpreter by recording the
+    device contexts entered and the launches made inside them."""
+    if CUDA or "triton" not in fastkd.available_backends():
+        pytest.skip("runs the Triton kernels under the interpreter (the CUDA case is the next test)")
+    from fastkd.backends import triton as triton_backend
+
+    entered, launches, depth = [], [], [0]
+
+    @contextlib.contextmanager
+    def recording_context(device):
+        entered.append(device)
+        depth[0] += 1
+        try:
+            yield
+        finally:
+            depth[0] -= 1
+
+    kernel_type = type(triton_backend._logit_forward_kernel)
+    run = kernel_type.run
+
+    def recording_run(self, *args, **kwargs):
+        launches.append((self.fn.__name__, depth[0] > 0))
+        return run(self, *args, **kwargs)
+
+    monkeypatch.setattr(triton_backend, "_device_context", recording_context)
+    monkeypatch.setattr(kernel_type, "run", recording_run)
+    fastkd.set_backend("triton")
+    try:
+        run_every_loss(torch.device("cpu"))
+    finally:
+        fastkd.set_backend("auto")
+    kernels = {name for name in vars(triton_backend) if name.endswith("_kernel")}
+    assert {name for name, _ in launches} == kernels
+    assert all(inside for _, inside in launches), launches
+    assert entered and all(device == torch.device("cpu") for device in entered)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_inputs_on_a_cuda_device_that_is_not_current():
+    """Inputs on cuda:1 while cuda:0 is current: the Triton kernels run on cuda:1 and give the
+    torch backend's results."""
+    grads = {}
+    for backend in ("torch", "triton"):
+        fastkd.set_backend(backend)
+        torch.manual_seed(0)
+        with torch.cuda.device(0):
+            grads[backend] = run_every_loss(torch.device("cuda:1"))
+    fastkd.set_backend("auto")
+    assert grads["triton"].device == torch.device("cuda:1")
+    torch.testing.assert_close(grads["triton"], grads["torch"], rtol=1e-5, atol=1e-7)
