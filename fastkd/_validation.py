@@ -32,11 +32,17 @@ def check_float_tensor(name: str, x: object) -> torch.Tensor:
     return x
 
 
+# The temperatures every backend computes in float32 without overflow or underflow (T^2, 1/T,
+# logits of +-1e4 over T) and with the accuracy the tests check against float64.
+TEMPERATURE_RANGE = (0.01, 100.0)
+
+
 def check_temperature(temperature: object) -> float:
     if isinstance(temperature, torch.Tensor) or not isinstance(temperature, (int, float)) or isinstance(temperature, bool):
         raise TypeError(f"temperature: expected a Python float, got {type(temperature).__name__}")
-    if not math.isfinite(temperature) or temperature <= 0:
-        raise ValueError(f"temperature: expected a finite number > 0, got {temperature!r}")
+    low, high = TEMPERATURE_RANGE
+    if not (math.isfinite(temperature) and low <= temperature <= high):
+        raise ValueError(f"temperature: expected a number in the supported range [{low:g}, {high:g}], got {temperature!r}")
     return float(temperature)
 
 

@@ -7,7 +7,8 @@ and tile shapes their launchers specialise on, with the ``"triton"`` backend sel
 launch replaced by a compile-only one aimed at each architecture: Triton's own compiler and PTX
 assembler (shipped in its wheel) turn each kernel into a cubin, and nothing runs. This finds what the
 interpreter cannot: code that the interpreter accepts and the GPU compiler rejects. Prints one JSON
-line per compiled kernel variant ``{"arch", "kernel", "constants", "cubin_bytes"}``; a compile error
+line per compiled kernel variant ``{"arch", "kernel", "constants", "signature", "cubin_bytes"}``
+(``signature``: the runtime arguments' Triton types); a compile error
 is raised (exit status 1). Run it without ``TRITON_INTERPRET``.
 """
 
@@ -66,7 +67,8 @@ def compile_only(compiled: list):
     def compile_and_record(self, *args, grid, warmup, **kwargs):
         kernel = run(self, *args, grid=grid, warmup=True, **kwargs)
         constants = {k: str(v) for k, v in kwargs.items()}
-        compiled.append((self.fn.__name__, constants, len(kernel.asm["cubin"])))
+        signature = {k: str(v) for k, v in kernel.src.signature.items() if k not in kwargs}
+        compiled.append((self.fn.__name__, constants, signature, len(kernel.asm["cubin"])))
         return kernel
 
     return compile_and_record
@@ -115,8 +117,9 @@ def main(archs: list[int]) -> None:
                 print(f"while compiling {loss} {options} {s_dtype}/{t_dtype} mask={masked} for sm_{arch}:",
                       file=sys.stderr)
                 raise
-        for kernel, constants, cubin_bytes in compiled:
-            print(json.dumps({"arch": arch, "kernel": kernel, "constants": constants, "cubin_bytes": cubin_bytes}))
+        for kernel, constants, signature, cubin_bytes in compiled:
+            print(json.dumps({"arch": arch, "kernel": kernel, "constants": constants, "signature": signature,
+                              "cubin_bytes": cubin_bytes}))
         compiled.clear()
     print(f"triton {triton.__version__}", file=sys.stderr)
 

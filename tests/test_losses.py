@@ -138,7 +138,7 @@ def test_logit_kl(device, shape, mask, reduction):
         assert out.shape == shape[:-1]
 
 
-@pytest.mark.parametrize("temperature", [0.05, 0.3, 1.0, 2.5, 50.0])
+@pytest.mark.parametrize("temperature", [0.01, 0.05, 0.3, 1.0, 2.5, 50.0, 100.0])
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_logit_kl_temperature(device, temperature, reduction):
     """Logits scale with T, so that softmax(x / T) stays comparable and the loss well conditioned."""
@@ -167,7 +167,7 @@ def test_logit_kl_temperature_unscaled(device, temperature):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, *LOW], ids=str)
-@pytest.mark.parametrize("temperature", [0.05, 1.0, 50.0])
+@pytest.mark.parametrize("temperature", [0.01, 0.05, 1.0, 50.0, 100.0])
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_logit_kl_large_logits(device, dtype, temperature, reduction):
     """Logits uniform in [-1e4, 1e4]: no overflow, no NaN, still the formula."""
@@ -219,6 +219,74 @@ def test_logit_kl_neg_inf_teacher(device, where, dtype):
     for reduction in REDUCTIONS:
         run_and_compare(fastkd.logit_kl, "logit_kl", s, t, mask=m, reduction=reduction,
                         temperature=2.0)
+
+
+@pytest.mark.parametrize("mask", MASKS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_logit_kl_teacher_row_without_finite_logit(device, dtype, mask):
+    """A row whose teacher logits are all -inf contributes 0 and gets gradient 0; it still counts
+    in n when the mask keeps it (n is decided by the mask alone)."""
+    shape = (3, 4, 1030)
+    s, t = torch.randn(shape) * 3, torch.randn(shape) * 3
+    t[0, 1] = t[2, 3] = float("-inf")
+    s[2, 3] = float("-inf")  # the student's row is empty too
+    s, t = leaf(s.to(device, dtype)), t.to(device, dtype)
+    m = make_mask(mask, shape[:-1], device)
+    for reduction in REDUCTIONS:
+        run_and_compare(fastkd.logit_kl, "logit_kl", s, t, mask=m, reduction=reduction, temperature=2.0)
+        out = fastkd.logit_kl(s, t, mask=m, reduction=reduction, temperature=2.0)
+        (grad,) = torch.autograd.grad(out.sum() * 1.5, s)
+        assert grad[0, 1].eq(0).all() and grad[2, 3].eq(0).all()
+        if reduction == "none":
+            assert out[0, 1] == 0 and out[2, 3] == 0
+    keep_all = torch.ones(shape[:-1], dtype=torch.bool, device=device)
+    with_rows = fastkd.logit_kl(s, t, mask=keep_all, temperature=2.0, reduction="sum") / keep_all.sum()
+    assert torch.equal(fastkd.logit_kl(s, t, mask=keep_all, temperature=2.0), with_rows)
+
+
+TEMPERATURE_SWEEP = [1e-300, 1e-30, 1e-3, 0.0099, 0.01, 0.05, 1.0, 50.0, 100.0, 100.5, 1e3, 1e20, 1e300]
+
+
+@pytest.mark.parametrize("temperature", TEMPERATURE_SWEEP)
+def test_logit_kl_any_positive_temperature(device, temperature):
+    """Every finite T > 0 either gives a finite result equal to the float64 formula (logits of +-1e4
+    and of unit scale) or is refused with the supported range named."""
+    low, high = 0.01, 100.0
+    s = leaf(((torch.rand(4, 700) * 2 - 1) * 1e4).to(device))
+    t = ((torch.rand(4, 700) * 2 - 1) * 1e4).to(device)
+    if not low <= temperature <= high:
+        with pytest.raises(ValueError, match=r"temperature: .*\[0.01, 100\]"):
+            fastkd.logit_kl(s, t, temperature=temperature)
+        return
+    run_and_compare(fastkd.logit_kl, "logit_kl", s, t, temperature=temperature)
+    unit_s, unit_t = leaf(randn((4, 700), device)), randn((4, 700), device)
+    got = fastkd.logit_kl(unit_s, unit_t, temperature=temperature)
+    (grad,) = torch.autograd.grad(got, unit_s)
+    s64 = unit_s.detach().double().requires_grad_()
+    want = reference_loss("logit_kl", s64, unit_t, temperature=temperature)
+    (want_grad,) = torch.autograd.grad(want, s64)
+    # float32 loses about T^2 eps / var(logits) of the value at large T (see README)
+    assert abs(got.item() - want.item()) <= 1e-3 * abs(want.item())
+    assert (grad.double() - want_grad).norm() <= 1e-3 * want_grad.norm()
+
+
+@pytest.mark.parametrize("temperature", [0.3, 3.0, 7.0])
+@pytest.mark.parametrize("name", ["logit_kl", "hidden_mse", "attention_probs", "attention_scores"])
+def test_float64_inputs_keep_float64_precision(device, name, temperature):
+    """float64 inputs are computed in float64 throughout, scalars included (1 / T and T^2 are not
+    float32 numbers here): loss and gradient agree with the formula to 1e-12."""
+    fn, ref, s, t, mask_shape, options = loss_inputs(name, device, torch.float64)
+    if name == "logit_kl":
+        options = {"temperature": temperature}
+    mask = make_mask("random", mask_shape, device)
+    got = fn(s, t, mask=mask, **options)
+    (grad,) = torch.autograd.grad(got * 0.7, s)
+    s64 = s.detach().clone().requires_grad_()
+    want = reference_loss(ref, s64, t, mask=mask, **options)
+    (want_grad,) = torch.autograd.grad(want * 0.7, s64)
+    assert got.dtype == torch.float64
+    assert abs(got.item() - want.item()) <= 1e-12 * abs(want.item())
+    assert (grad - want_grad).norm() <= 1e-12 * want_grad.norm()
 
 
 # --------------------------------------------------------------------------------------------

@@ -44,6 +44,12 @@ def test_every_kernel_compiles_for_each_architecture():
         assert {entry["constants"]["HAS_MASK"] for entry in of_arch} == {"True", "False"}
         assert {entry["constants"].get("BACKWARD") for entry in of_arch} >= {"True", "False"}
         assert {entry["constants"].get("SCORES") for entry in of_arch} >= {"True", "False"}
+        # floating scalars (the temperature) reach the kernels as float64 whatever the accumulator,
+        # so float64 inputs are never scaled by float32 factors
+        scalars = {(entry["kernel"], name, ty) for entry in of_arch for name, ty in entry["signature"].items()
+                   if not ty.startswith("*") and ty.startswith(("fp", "bf"))}
+        assert {name for _, name, _ in scalars} == {"temperature"}
+        assert {ty for _, _, ty in scalars} == {"fp64"}
 
 
 def test_a_kernel_the_gpu_compiler_rejects_fails_the_check(tmp_path):
