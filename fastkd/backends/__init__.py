@@ -17,14 +17,20 @@ Layouts (``R = R0 * R1`` rows; the last dimension always has stride 1):
     hidden:    sum_d (s - t)^2 / D
     attention: kl = sum_k p_k (log p_k - log q_k)   (see ``fastkd.attention`` for p, q)
     logit:     T^2 * sum_v p_v (log p_v - log q_v), p = softmax(t / T), q = softmax(s / T)
+- A row *contributes nothing* when it is masked, or when it has no entry that counts: a teacher
+  row of logits that are all ``-inf``, an attention row whose keys are all dropped. Its value is 0,
+  its stats are ``-inf`` and its gradient is 0; ``n`` of the mean is still the mask's count.
 - ``stats`` is a float64 ``[2, R]`` tensor a forward pass leaves for its backward: the log-sum-exps
-  of the student's and the teacher's (scaled) scores per row; 0 for rows without a valid entry.
-  float64, so that ``exp(x - lse)`` keeps float32 precision where ``|x|`` is large (logits of 1e4 at
-  T = 0.05): a float32 lse would be off by half an ulp of ``|x|``, which moves every probability.
-  Backward passes compute ``x - lse`` as ``(x - hi) - lo`` with ``hi = float32(lse)``,
-  ``lo = float32(lse - hi)``. ``attention`` with ``kind="probs"`` returns a ``[2, 0]`` tensor.
+  of the student's and the teacher's (scaled) scores per row over the entries that count; ``-inf``
+  (the log-sum-exp of nothing) in both for a row that contributes nothing, which is how backward
+  knows it. float64, so that ``exp(x - lse)`` keeps float32 precision where ``|x|`` is large
+  (logits of 1e4 at T = 0.05): a float32 lse would be off by half an ulp of ``|x|``, which moves
+  every probability. Backward passes compute ``x - lse`` as ``(x - hi) - lo`` with
+  ``hi = float32(lse)``, ``lo = float32(lse - hi)``. ``attention`` with ``kind="probs"`` returns a
+  ``[2, 0]`` tensor.
 - Backward functions take ``grad_rows`` (same shape as ``rows``: d loss / d rows) and return the
-  gradient of each student input, contiguous, of the student's shape and dtype, 0 on masked rows.
+  gradient of each student input, contiguous, of the student's shape and dtype, 0 on rows that
+  contribute nothing.
   For sequences of pairs, ``rows`` and ``grad_rows`` are the pairs' rows concatenated in order.
 
 Functions::
@@ -37,4 +43,6 @@ Functions::
     logit_backward(student, teacher, mask, temperature, stats, grad_rows) -> grad
 
 ``students``/``teachers`` are lists of tensors (layer pairs), ``temperature`` a Python float.
+Every backend names things alike: the student first, ``_s``/``_t`` for the student's and the
+teacher's values, ``q``/``p`` for their distributions (``docs/design.md`` gives the whole scheme).
 """
