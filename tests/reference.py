@@ -1,8 +1,9 @@
 """Float64 formulas of the three losses, written from their definitions, and the checks that use them.
 
-Each ``*_rows`` function returns the per-row value ``r`` of one loss in float64 and is
-differentiable in the student (the teacher is detached). ``reduce`` turns rows into the value of a
-``reduction``. Nothing here calls fastkd: these are the independent oracle.
+Each ``*_rows`` function returns the per-row value ``r`` of one loss in float64 (or in ``dtype``,
+to measure what float32 arithmetic itself can reach) and is differentiable in the student (the
+teacher is detached). ``reduce`` turns rows into the value of a ``reduction``. Nothing here calls
+fastkd: these are the independent oracle.
 """
 
 from __future__ import annotations
@@ -12,21 +13,24 @@ import torch
 TINY = 1.1754944e-38  # smallest normal float32: the floor of q in log q for kind="probs"
 
 
-def hidden_rows(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+F64 = torch.float64
+
+
+def hidden_rows(s: torch.Tensor, t: torch.Tensor, dtype: torch.dtype = F64) -> torch.Tensor:
     """``sum_d (s - t)^2 / D`` per row, ``[..., D] -> [...]``."""
-    return (s.double() - t.detach().double()).pow(2).mean(-1)
+    return (s.to(dtype) - t.detach().to(dtype)).pow(2).mean(-1)
 
 
-def logit_rows(s: torch.Tensor, t: torch.Tensor, temperature: float) -> torch.Tensor:
+def logit_rows(s: torch.Tensor, t: torch.Tensor, temperature: float, dtype: torch.dtype = F64) -> torch.Tensor:
     """``T^2 * sum_v p_v (log p_v - log q_v)``, ``p = softmax(t / T)``, ``q = softmax(s / T)``.
 
     Terms with ``p_v = 0`` (teacher logit ``-inf``) contribute 0; a row whose teacher has no finite
     logit has no distribution and contributes 0 (no gradient flows there).
     """
-    t = t.detach().double()
+    t = t.detach().to(dtype)
     empty = torch.isneginf(t).all(-1, keepdim=True)
     # Rows without a teacher get dummy zeros, so that neither value nor gradient is NaN there.
-    s64 = torch.where(empty, 0.0, s.double())
+    s64 = torch.where(empty, 0.0, s.to(dtype))
     t64 = torch.where(empty, 0.0, t)
     log_q = torch.log_softmax(s64 / temperature, dim=-1)
     log_p = torch.log_softmax(t64 / temperature, dim=-1)
@@ -35,10 +39,10 @@ def logit_rows(s: torch.Tensor, t: torch.Tensor, temperature: float) -> torch.Te
     return torch.where(empty.squeeze(-1), 0.0, temperature**2 * (p * diff).sum(-1))
 
 
-def attention_probs_rows(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+def attention_probs_rows(s: torch.Tensor, t: torch.Tensor, dtype: torch.dtype = F64) -> torch.Tensor:
     """``sum_k p_k (log p_k - log max(q_k, TINY))`` with ``p = t``, ``q = s``; ``p_k = 0`` adds 0."""
-    q = s.double()
-    p = t.detach().double()
+    q = s.to(dtype)
+    p = t.detach().to(dtype)
     log_p = torch.log(torch.where(p > 0, p, 1.0))
     log_q = torch.log(torch.clamp_min(q, TINY))
     return (torch.where(p > 0, p * (log_p - log_q), 0.0)).sum(-1)
@@ -62,34 +66,34 @@ def dropped_keys(s: torch.Tensor, t: torch.Tensor, mask: torch.Tensor | None) ->
 
 
 def attention_scores_rows(
-    s: torch.Tensor, t: torch.Tensor, mask: torch.Tensor | None = None
+    s: torch.Tensor, t: torch.Tensor, mask: torch.Tensor | None = None, dtype: torch.dtype = F64
 ) -> torch.Tensor:
     """KL of ``softmax(t)`` from ``softmax(s)`` over the keys that are not dropped; 0 for rows
     where every key is dropped (and no gradient flows there)."""
     drop = dropped_keys(s, t.detach(), mask)
     alive = ~drop.all(-1, keepdim=True)
     # Rows with no key get dummy zeros, so that neither value nor gradient is NaN there.
-    s64 = torch.where(alive, s.double().masked_fill(drop, float("-inf")), 0.0)
-    t64 = torch.where(alive, t.detach().double().masked_fill(drop, float("-inf")), 0.0)
+    s64 = torch.where(alive, s.to(dtype).masked_fill(drop, float("-inf")), 0.0)
+    t64 = torch.where(alive, t.detach().to(dtype).masked_fill(drop, float("-inf")), 0.0)
     log_q = torch.log_softmax(s64, dim=-1)
     log_p = torch.log_softmax(t64, dim=-1)
     diff = torch.where(drop, 0.0, log_p - log_q)
     return torch.where(alive.squeeze(-1), (log_p.exp() * diff).sum(-1), 0.0)
 
 
-def attention_rows(s, t, kind: str, mask=None) -> torch.Tensor:
+def attention_rows(s, t, kind: str, mask=None, dtype: torch.dtype = F64) -> torch.Tensor:
     """Per-row KL of one attention pair, ``[B, H, Lq, Lk] -> [B, H, Lq]``."""
     if kind == "probs":
-        return attention_probs_rows(s, t)
-    return attention_scores_rows(s, t, mask)
+        return attention_probs_rows(s, t, dtype)
+    return attention_scores_rows(s, t, mask, dtype)
 
 
 def row_mask(mask: torch.Tensor | None, rows: torch.Tensor, attention: bool) -> torch.Tensor:
-    """The 0/1 weight of every row, float64 of ``rows``' shape (``[B, 1, Lq]`` broadcast for
+    """The 0/1 weight of every row, of ``rows``' dtype and shape (``[B, 1, Lq]`` broadcast for
     attention)."""
     if mask is None:
         return torch.ones_like(rows)
-    m = (mask != 0).double().to(rows.device)
+    m = (mask != 0).to(rows.device, rows.dtype)
     if attention:
         m = m[:, None, :]
     return m.expand_as(rows)
@@ -106,8 +110,8 @@ def reduce(rows: torch.Tensor, mask, reduction: str, attention: bool = False) ->
     return kept.sum() / m.sum().clamp_min(1.0)
 
 
-def reference_loss(loss: str, students, teachers, *, mask=None, reduction="mean", **options):
-    """The float64 value of ``fastkd.<loss>`` for a pair or a sequence of pairs.
+def reference_loss(loss: str, students, teachers, *, mask=None, reduction="mean", dtype=F64, **options):
+    """The float64 (or ``dtype``) value of ``fastkd.<loss>`` for a pair or a sequence of pairs.
 
     ``loss`` is ``"hidden_mse"``, ``"attention_kl"`` or ``"logit_kl"``; ``options`` holds
     ``kind`` or ``temperature``.
@@ -118,11 +122,11 @@ def reference_loss(loss: str, students, teachers, *, mask=None, reduction="mean"
     values = []
     for s, t in zip(students, teachers):
         if loss == "hidden_mse":
-            rows = hidden_rows(s, t)
+            rows = hidden_rows(s, t, dtype)
         elif loss == "logit_kl":
-            rows = logit_rows(s, t, options.get("temperature", 1.0))
+            rows = logit_rows(s, t, options.get("temperature", 1.0), dtype)
         else:
-            rows = attention_rows(s, t, options.get("kind", "probs"), mask)
+            rows = attention_rows(s, t, options.get("kind", "probs"), mask, dtype)
         values.append(reduce(rows, mask, reduction, attention=loss == "attention_kl"))
     if single:
         return values[0]
@@ -181,40 +185,56 @@ def tolerances(*tensors: torch.Tensor) -> tuple[float, float]:
     return 1e-5, 1e-2 if low else 1e-5
 
 
+def _as_list(x) -> list:
+    return list(x) if isinstance(x, (list, tuple)) else [x]
+
+
 def run_and_compare(fn, loss: str, students, teachers, *, mask=None, reduction="mean", **options):
     """Call ``fn`` (``fastkd.<loss>`` or anything with its signature) and the float64 reference on
     the same inputs, backpropagate the same random upstream gradient through both (a random scalar,
     or a random tensor for ``"none"``), and compare values, dtypes and the students' gradients.
+
+    The tolerances are those of ``tolerances``, or twice the error of the same formula evaluated in
+    float32 where that is larger: a loss computed in float32 cannot beat float32 arithmetic where
+    the loss is ill conditioned (a KL of 1e-4 of the log-probabilities it is made from).
 
     ``students`` must require grad (leaves or views of leaves). Returns ``fn``'s output.
     """
     single = torch.is_tensor(students)
     s_list = [students] if single else list(students)
     t_list = [teachers] if single else list(teachers)
-    s64 = [s.detach().double().requires_grad_() for s in s_list]
-    ref_students = s64[0] if single else s64
+    dtype = loss_dtype(*s_list, *t_list)
+
+    def reference(precision):
+        leaves = [s.detach().to(precision).requires_grad_() for s in s_list]
+        value = reference_loss(loss, leaves[0] if single else leaves, teachers, mask=mask, reduction=reduction,
+                               dtype=precision, **options)
+        return _as_list(value), leaves
 
     out = fn(students, teachers, mask=mask, reduction=reduction, **options)
-    want = reference_loss(loss, ref_students, teachers, mask=mask, reduction=reduction, **options)
-    outs = list(out) if isinstance(out, (list, tuple)) else [out]
-    wants = want if isinstance(want, list) else [want]
+    outs = _as_list(out)
+    wants, s64 = reference(torch.float64)
     assert len(outs) == len(wants), f"{len(outs)} results, expected {len(wants)}"
+    upstream = [torch.randn(w.shape, dtype=torch.float32) for w in wants]
+    want_grads = torch.autograd.grad(wants, s64, [u.double().to(w.device) for u, w in zip(upstream, wants)])
 
-    loss_rtol, grad_rtol = tolerances(s_list[0])
-    dtype = loss_dtype(*s_list, *t_list)
-    upstream = []
-    for i, (o, w) in enumerate(zip(outs, wants)):
+    loss_rtols, grad_rtols = [tolerances(s_list[0])[0]] * len(wants), [tolerances(s_list[0])[1]] * len(s64)
+    if dtype == torch.float32:
+        wants32, s32 = reference(torch.float32)
+        grads32 = torch.autograd.grad(wants32, s32, [u.to(w.device) for u, w in zip(upstream, wants32)])
+        loss_rtols = [max(r, 2 * rel_err(a.detach(), b.detach())) for r, a, b in zip(loss_rtols, wants32, wants)]
+        grad_rtols = [max(r, 2 * rel_err(a, b)) for r, a, b in zip(grad_rtols, grads32, want_grads)]
+
+    for i, (o, w, rtol) in enumerate(zip(outs, wants, loss_rtols)):
         assert o.dtype == dtype, f"loss {i}: dtype {o.dtype}, expected {dtype}"
         assert o.device == s_list[0].device, f"loss {i}: device {o.device}"
         assert o.requires_grad, f"loss {i} does not require grad"
         # rows of logit_kl are T^2 * kl (and their gradients T (q - p)): so are rounding errors
-        zero_atol = loss_rtol * options.get("temperature", 1.0) ** 2
-        assert_close(o.detach(), w.detach(), loss_rtol, f"loss {i}", atol=zero_atol)
-        upstream.append(torch.randn(w.shape, dtype=torch.float32))
+        zero_atol = rtol * options.get("temperature", 1.0) ** 2
+        assert_close(o.detach(), w.detach(), rtol, f"loss {i}", atol=zero_atol)
 
     grads = torch.autograd.grad(outs, s_list, [u.to(o.device, o.dtype) for u, o in zip(upstream, outs)])
-    want_grads = torch.autograd.grad(wants, s64, [u.double().to(w.device) for u, w in zip(upstream, wants)])
-    for i, (s, g, w) in enumerate(zip(s_list, grads, want_grads)):
+    for i, (s, g, w, rtol) in enumerate(zip(s_list, grads, want_grads, grad_rtols)):
         assert g.dtype == s.dtype, f"grad {i}: dtype {g.dtype}, expected the student's {s.dtype}"
-        assert_close(g, w, grad_rtol, f"grad {i}", atol=grad_rtol * options.get("temperature", 1.0))
+        assert_close(g, w, rtol, f"grad {i}", atol=rtol * options.get("temperature", 1.0))
     return out
