@@ -7,7 +7,7 @@ modules ``fastkd.bench.fused_linear_cases`` and ``fastkd.bench.runner_cases``.
 Implementations of the losses, each computing forward and (through the harness) backward:
 
 - ``fastkd``: the public API with the ``auto`` backend (Triton kernels on CUDA, native C++ on CPU).
-- ``torch``: the formula as users write it in eager PyTorch (the functions ``torch_*`` below).
+- ``torch``: the formula as users write it in eager PyTorch (:mod:`fastkd.eager`).
 - ``compile``: ``torch.compile(torch_fn, dynamic=False)``, default mode; its first call, which
   compiles forward and backward, is reported apart as ``first_call_ms``.
 - ``liger``: Liger-Kernel's ``LigerKLDIVLoss`` where it applies (logit and attention KL), when
@@ -25,10 +25,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-SIZES = ("tiny", "quick", "default")
+from fastkd import eager
+from fastkd._constants import TINY
 
-# log q uses max(q, TINY) (DESIGN.md): the smallest normal float32.
-TINY = torch.finfo(torch.float32).tiny
+SIZES = ("tiny", "quick", "default")
 
 
 @dataclass
@@ -81,34 +81,6 @@ class Case:
     reference: str = "torch"
     backward: bool = True
     tolerance: float | None = None
-
-
-# --------------------------------------------------------------------------------------------
-# The formulas as users write them in eager PyTorch.
-
-
-def torch_logit_kl(student, teacher, mask, temperature):
-    """``T^2 * masked mean over rows of KL(softmax(t/T) || softmax(s/T))``, via ``F.kl_div``."""
-    log_q = F.log_softmax(student / temperature, dim=-1)
-    log_p = F.log_softmax(teacher / temperature, dim=-1)
-    kl = F.kl_div(log_q, log_p, reduction="none", log_target=True).sum(-1)
-    m = mask.to(kl.dtype)
-    return (kl * m).sum() / m.sum().clamp_min(1) * temperature**2
-
-
-def torch_hidden_mse(students, teachers):
-    """Mean over layer pairs of ``F.mse_loss(s, t)``."""
-    return sum(F.mse_loss(s, t) for s, t in zip(students, teachers)) / len(students)
-
-
-def torch_attention_kl(students, teachers, mask):
-    """Mean over layer pairs of ``sum_{b,h,i} m_bi * KL(p_bhi || q_bhi) / (H * n)`` on probabilities."""
-    total = 0
-    for q, p in zip(students, teachers):
-        kl = F.kl_div(torch.log(q.clamp_min(TINY)), p, reduction="none").sum(-1)  # [B, H, Lq]
-        m = mask[:, None, :].to(kl.dtype)
-        total = total + (kl * m).sum() / (kl.shape[1] * mask.sum().clamp_min(1))
-    return total / len(students)
 
 
 # --------------------------------------------------------------------------------------------
@@ -276,9 +248,9 @@ def _impls(torch_fn, fastkd_fn, liger_fn, device):
 # built from the op's ``LOSS_SIZES`` shape arguments: ``(N, V)`` for ``logit_kl``, else
 # ``(pairs, shape of each layer)``.
 _LOSS_OPS = {
-    "logit_kl": (_logit_inputs, torch_logit_kl, fastkd_logit_kl, liger_logit_kl),
-    "hidden_mse": (_hidden_inputs, torch_hidden_mse, fastkd_hidden_mse, None),
-    "attention_kl": (_attention_inputs, torch_attention_kl, fastkd_attention_kl, liger_attention_kl),
+    "logit_kl": (_logit_inputs, eager.logit_kl, fastkd_logit_kl, liger_logit_kl),
+    "hidden_mse": (_hidden_inputs, eager.hidden_mse, fastkd_hidden_mse, None),
+    "attention_kl": (_attention_inputs, eager.attention_kl, fastkd_attention_kl, liger_attention_kl),
 }
 
 

@@ -4,7 +4,7 @@ Implementations (see ``fastkd.bench.cases``):
 
 - ``fastkd``: ``fastkd.fused_linear_kl`` with the ``auto`` backend and its default chunk size.
 - ``torch``: the materialised formula as users write it: both heads' logits in full, upcast to
-  float32, then ``cases.torch_logit_kl`` (``F.kl_div`` of two ``log_softmax``es, masked mean, T^2).
+  float32, then ``fastkd.eager.logit_kl`` (``F.kl_div`` of two ``log_softmax``es, masked mean, T^2).
 - ``compile``: ``torch.compile`` of that function.
 - ``liger`` (CUDA, when ``liger_kernel`` imports): ``LIGER_CONFIG`` below.
 
@@ -18,7 +18,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from fastkd.bench.cases import Case, _generator, _impls, _randn, torch_logit_kl
+from fastkd import eager
+from fastkd.bench.cases import Case, _generator, _impls, _randn
 
 TEMPERATURE = 2.0
 
@@ -34,7 +35,7 @@ def torch_fused_linear_kl(student_hidden, student_weight, teacher_hidden, teache
     """The materialised formula: ``[N, V]`` logits of both heads in float32, then the logit KL."""
     student = F.linear(student_hidden, student_weight).float()
     teacher = F.linear(teacher_hidden, teacher_weight).float()
-    return torch_logit_kl(student, teacher, mask, temperature)
+    return eager.logit_kl(student, teacher, mask, temperature)
 
 
 def fastkd_fused_linear_kl(student_hidden, student_weight, teacher_hidden, teacher_weight, mask, temperature):

@@ -1,0 +1,58 @@
+"""The losses as users write them in eager PyTorch: the baselines of the benchmarks and of the plain way.
+
+``m`` is a row mask (nonzero = the row counts), ``n = max(sum m, 1)``:
+
+- :func:`logit_kl`: ``T^2 * sum_i m_i * KL(softmax(t_i / T) || softmax(s_i / T)) / n`` via ``F.kl_div``;
+- :func:`hidden_mse`: mean over layer pairs of ``F.mse_loss(s, t)``, or with a mask of
+  ``sum_i m_i * mean_d (s_i - t_i)^2 / n``;
+- :func:`attention_kl`: mean over layer pairs of ``sum_{b,h,i} m_bi * KL(p_bhi || q_bhi) / (H * n)``
+  on probabilities, ``log q`` taken of ``max(q, TINY)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from fastkd._constants import TINY
+
+
+def masked_mean(rows: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``sum m * rows / max(sum m, 1)``, ``mask`` broadcast against ``rows``."""
+    m = mask.to(rows.dtype)
+    return (rows * m).sum() / m.sum().clamp_min(1)
+
+
+def logit_kl(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor, temperature: float) -> torch.Tensor:
+    """``T^2 * masked mean over rows of KL(softmax(t/T) || softmax(s/T))``, via ``F.kl_div``."""
+    log_q = F.log_softmax(student / temperature, dim=-1)
+    log_p = F.log_softmax(teacher / temperature, dim=-1)
+    kl = F.kl_div(log_q, log_p, reduction="none", log_target=True).sum(-1)
+    return masked_mean(kl, mask) * temperature**2
+
+
+def hidden_mse(
+    students: Sequence[torch.Tensor], teachers: Sequence[torch.Tensor], mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Mean over layer pairs of ``F.mse_loss(s, t)``; with ``mask`` (``[B, L]``), of the masked mean
+    over rows of ``mean_d (s - t)^2``."""
+    if mask is None:
+        terms = [F.mse_loss(s, t) for s, t in zip(students, teachers)]
+    else:
+        terms = [masked_mean((s - t).pow(2).mean(-1), mask) for s, t in zip(students, teachers)]
+    return sum(terms) / len(terms)
+
+
+def attention_kl(
+    students: Sequence[torch.Tensor], teachers: Sequence[torch.Tensor], mask: torch.Tensor
+) -> torch.Tensor:
+    """Mean over layer pairs of ``sum_{b,h,i} m_bi * KL(p_bhi || q_bhi) / (H * n)`` on probabilities
+    ``[B, H, L, L]``; ``mask`` is ``[B, L]`` over the query rows."""
+    total = 0
+    for q, p in zip(students, teachers):
+        kl = F.kl_div(torch.log(q.clamp_min(TINY)), p, reduction="none").sum(-1)  # [B, H, Lq]
+        m = mask[:, None, :].to(kl.dtype)
+        total = total + (kl * m).sum() / (kl.shape[1] * mask.sum().clamp_min(1))
+    return total / len(students)
