@@ -2,8 +2,9 @@
 
 ``hidden_mse``, ``attention_kl``, ``logit_kl`` and ``fused_linear_kl`` (and their ``nn.Module``
 forms) compute the distillation losses on one of several backends (``available_backends``,
-``set_backend``, or the ``FASTKD_BACKEND`` environment variable). ``Stage``, ``Schedule`` and
-``StageRunner`` distil a student from a teacher in one, two or three stages.
+``set_backend``, or the ``FASTKD_BACKEND`` environment variable); ``logit_mask`` says which
+token rows a logit loss counts. ``Stage``, ``Schedule`` and ``StageRunner`` distil a student from a
+teacher in one, two or three stages.
 """
 
 from fastkd._backend import available_backends, get_backend, set_backend
@@ -11,6 +12,7 @@ from fastkd.attention import attention_kl
 from fastkd.fused_linear import FusedLinearKLLoss, fused_linear_kl
 from fastkd.hidden import hidden_mse
 from fastkd.logit import logit_kl
+from fastkd.masks import logit_mask
 from fastkd.modules import AttentionKLLoss, HiddenMSELoss, LogitKLLoss
 from fastkd.runner import Schedule, Stage, StageRunner
 
@@ -28,5 +30,6 @@ __all__ = [
     "get_backend",
     "hidden_mse",
     "logit_kl",
+    "logit_mask",
     "set_backend",
 ]

@@ -13,11 +13,19 @@ given ``--preset`` (all three when omitted) is run on ``--data`` (a text file, t
 teacher's tokenizer when its directory has one, else as UTF-8 bytes) or on generated text.
 ``--save DIR`` writes the distilled student (``save_pretrained``) and its projections
 (``projections.pt``). ``--steps`` gives one count per stage, or one count used for every stage.
+
+``--checkpoint-dir DIR`` checkpoints fastkd's run of each preset in ``DIR/<preset>/latest.pt``, at
+the end of every stage and, with ``--checkpoint-every N``, every ``N`` steps. When that file exists
+the run resumes from it and is fed the batches from the saved step on, so that a killed run,
+started again with the same arguments, ends with the weights of an uninterrupted one.
+``--log FILE`` appends every step's metrics to ``FILE`` as JSON lines (``preset``, ``way``,
+``stage``, ``step``, ``loss``, ``loss_<name>``, ``time_ms``, ``peak_mem_mb``).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -57,12 +65,13 @@ def word_ids(text: str, vocabulary: int) -> list[int]:
     return [ids.setdefault(w, 1 + len(ids) % (vocabulary - 1)) for w in text.split()]
 
 
-def batches(tokens: list[int], batch_size: int, seq_len: int, steps: int):
-    """``steps`` batches of ``[batch_size, seq_len]`` consecutive token blocks, cycling through ``tokens``."""
+def batches(tokens: list[int], batch_size: int, seq_len: int, steps: int, start: int = 0):
+    """The batches of steps ``start .. steps - 1``: ``[batch_size, seq_len]`` consecutive token blocks,
+    cycling through ``tokens`` (step ``k`` gets the same block whatever ``start`` is)."""
     block = batch_size * seq_len
     data = torch.tensor(tokens * math.ceil(block / max(len(tokens), 1)), dtype=torch.long)
     count = len(data) // block
-    for step in range(steps):
+    for step in range(start, steps):
         ids = data[(step % count) * block : (step % count + 1) * block].view(batch_size, seq_len)
         yield {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
@@ -103,7 +112,10 @@ def demo_models(device: torch.device):
 
 
 def summarise(records: list[dict]) -> dict:
-    """Mean step time without each stage's first step, peak memory, and the last losses."""
+    """Mean step time without each stage's first step, peak memory, and the last losses (NaN and
+    none when no step ran: a run resumed from the checkpoint of its last step)."""
+    if not records:
+        return {"time_ms": math.nan, "peak_mb": math.nan, "losses": {}, "steps": 0}
     timed = [r["time_ms"] for k, r in enumerate(records) if k > 0 and r["stage"] == records[k - 1]["stage"]]
     timed = timed or [r["time_ms"] for r in records]
     losses = {}
@@ -117,16 +129,26 @@ def summarise(records: list[dict]) -> dict:
     }
 
 
-def run_configuration(way, make_models, preset, steps, args, tokens, device) -> dict:
+def run_configuration(way, make_models, preset, steps, args, tokens, device, log) -> dict:
     student, teacher = make_models()
     optimizer = torch.optim.AdamW(student.parameters(), lr=args.lr)
     runner_class = PlainRunner if way == "plain" else StageRunner
+    checkpoints = os.path.join(args.checkpoint_dir, preset) if args.checkpoint_dir and way == "fastkd" else None
     runner = runner_class(
         student, teacher, Schedule.preset(preset, steps), optimizer,
-        layer_map=args.layer_map, temperature=args.temperature, quiet=args.quiet,
+        layer_map=args.layer_map, temperature=args.temperature, quiet=args.quiet, measure=True,
+        checkpoint_dir=checkpoints, checkpoint_every=args.checkpoint_every if checkpoints else None,
     )
+    if checkpoints and os.path.exists(os.path.join(checkpoints, "latest.pt")):
+        runner.load(os.path.join(checkpoints, "latest.pt"))
+        print(f"resuming {preset} from {checkpoints} at step {runner.step_index}", flush=True)
     total = runner.schedule.total_steps
-    records = list(runner.run(batches(tokens, args.batch_size, args.seq_len, total)))
+    records = []
+    for metrics in runner.run(batches(tokens, args.batch_size, args.seq_len, total, start=runner.step_index)):
+        records.append(metrics)
+        if log is not None:
+            log.write(json.dumps({"preset": preset, "way": way, **metrics}) + "\n")
+            log.flush()
     if args.save and way == "fastkd":
         out = os.path.join(args.save, preset)
         student.save_pretrained(out)
@@ -153,10 +175,17 @@ def parse_args(argv):
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--no-plain", action="store_true", help="skip the plain way")
     parser.add_argument("--save", help="directory for the distilled student(s)")
+    parser.add_argument("--checkpoint-dir", help="checkpoint (and resume) each preset's run in DIR/<preset>/")
+    parser.add_argument("--checkpoint-every", type=int, metavar="N", help="also checkpoint every N steps")
+    parser.add_argument("--log", help="append every step's metrics to this file as JSON lines")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
     if (args.teacher is None) != (args.student is None):
         parser.error("--teacher and --student go together")
+    if args.checkpoint_every is not None and args.checkpoint_dir is None:
+        parser.error("--checkpoint-every needs --checkpoint-dir")
+    if args.checkpoint_every is not None and args.checkpoint_every <= 0:
+        parser.error(f"--checkpoint-every: expected a positive count, got {args.checkpoint_every}")
     return args
 
 
@@ -179,20 +208,21 @@ def main(argv: list[str] | None = None) -> int:
     print(f"fastkd distill on {device}: batch {args.batch_size} x {args.seq_len}, T={args.temperature}")
     header = f"{'configuration':<13} {'way':<7} {'steps':>5} {'ms/step':>9} {'peak MB':>9} {'speed-up':>8} {'mem':>6}  losses (last step of each)"
     print(header)
-    for preset in presets:
-        steps = _steps(args.steps, preset, args.teacher is None)
-        results = {}
-        for way in ("plain", "fastkd") if not args.no_plain else ("fastkd",):
-            results[way] = result = run_configuration(way, make_models, preset, steps, args, tokens, device)
-            speed = mem = ""
-            if way == "fastkd" and "plain" in results:
-                speed = f"{results['plain']['time_ms'] / result['time_ms']:.2f}x"
-                mem = f"{result['peak_mb'] / results['plain']['peak_mb']:.2f}x"
-            print(
-                f"{preset:<13} {way:<7} {result['steps']:>5} {result['time_ms']:>9.1f} {result['peak_mb']:>9.1f} "
-                f"{speed:>8} {mem:>6}  {_format_losses(result['losses'])}",
-                flush=True,
-            )
+    with open(args.log, "a") if args.log else contextlib.nullcontext() as log:
+        for preset in presets:
+            steps = _steps(args.steps, preset, args.teacher is None)
+            results = {}
+            for way in ("plain", "fastkd") if not args.no_plain else ("fastkd",):
+                results[way] = result = run_configuration(way, make_models, preset, steps, args, tokens, device, log)
+                speed = mem = ""
+                if way == "fastkd" and "plain" in results:
+                    speed = f"{results['plain']['time_ms'] / result['time_ms']:.2f}x"
+                    mem = f"{result['peak_mb'] / results['plain']['peak_mb']:.2f}x"
+                print(
+                    f"{preset:<13} {way:<7} {result['steps']:>5} {result['time_ms']:>9.1f} {result['peak_mb']:>9.1f} "
+                    f"{speed:>8} {mem:>6}  {_format_losses(result['losses'])}",
+                    flush=True,
+                )
     return 0
 
 

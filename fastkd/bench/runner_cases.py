@@ -75,11 +75,12 @@ class ConfigurationStep:
         runner_class = PlainRunner if self.way == "plain" else StageRunner
         extra = {} if self.way == "plain" else {"cuda_graphs": graphs}
         # One runner per stage, each a one-stage schedule that never ends, so that a CUDA graph
-        # is captured once per stage and kept.
+        # is captured once per stage and kept. measure=True: every step ends synchronised, and resets
+        # the peak memory statistics when it starts.
         self.runners = [
             runner_class(
                 student, teacher, Schedule([Stage(STAGE_NAMES[i], dict.fromkeys(losses, 1.0), 1 << 30)]),
-                optimizer, temperature=2.0, quiet=True, **extra,
+                optimizer, temperature=2.0, quiet=True, measure=True, **extra,
             )
             for i, losses in enumerate(PRESETS[self.preset])
         ]

@@ -3,13 +3,15 @@
 ``Stage`` and ``Schedule`` (:mod:`.schedule`) say which losses run for how many steps;
 ``StageRunner`` (:mod:`.runner`) runs them, asking each model only for the features a stage uses
 (:mod:`.models`: transformers glue and the ``ModelAdapter`` interface for plain modules), pairing
-layers (:mod:`.layer_map`), capturing each stage's step in a CUDA graph (:mod:`.graphs`) and
-writing resumable checkpoints (:mod:`.checkpoint`). :mod:`.plain` is the plain way it is measured
-against.
+layers (:mod:`.layer_map`), capturing each stage's step in a CUDA graph (:mod:`.graphs`), keeping
+each step's losses on the device until they are read and stopping at a non-finite one
+(:mod:`.metrics`) and writing resumable checkpoints (:mod:`.checkpoint`). :mod:`.plain` is the
+plain way it is measured against.
 """
 
+from fastkd.runner.metrics import Metrics, NonFiniteLossError
 from fastkd.runner.models import Features, ModelAdapter
 from fastkd.runner.runner import StageRunner
 from fastkd.runner.schedule import Schedule, Stage
 
-__all__ = ["Features", "ModelAdapter", "Schedule", "Stage", "StageRunner"]
+__all__ = ["Features", "Metrics", "ModelAdapter", "NonFiniteLossError", "Schedule", "Stage", "StageRunner"]

@@ -2,14 +2,22 @@
 
 A checkpoint (``torch.save`` of a dict; load only files you trust, it is a pickle) holds the
 student's and the projections' ``state_dict``, the optimizer's and the LR scheduler's, the global
-step, the schedule (checked on load) and the RNG states of Python, NumPy, torch's CPU generator
-and every CUDA device. The teacher is not saved: it does not change. On CPU, a run stopped in the
-middle of a stage and resumed from its checkpoint with the remaining batches gives bit-for-bit the
-losses and weights of the uninterrupted run.
+step, the schedule (checked on load: names, step counts and weights, a weight function by its
+qualified name, which is the same in every process) and the RNG states of Python, NumPy, torch's
+CPU generator and every CUDA device. The teacher is not saved: it does not change. On CPU, a run
+stopped in the middle of a stage and resumed from its checkpoint with the remaining batches gives
+bit-for-bit the losses and weights of the uninterrupted run.
+
+Writes are durable: the checkpoint goes to ``<path>.tmp``, which is flushed and ``fsync``-ed, then
+renamed over ``path`` (``os.replace``, atomic) and the directory is ``fsync``-ed. A process killed
+at any point leaves either the previous checkpoint or the new one at ``path``; a write that fails
+(a full disk) removes the temporary file, leaves the previous checkpoint as it was and raises
+``OSError``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 
@@ -19,8 +27,19 @@ import torch
 FORMAT = 1
 
 
-def _schedule_key(schedule) -> list[tuple[str, dict[str, float], int]]:
-    return [(stage.name, dict(stage.losses), stage.steps) for stage in schedule]
+def _weight_key(weight) -> float | str:
+    """A constant weight itself; a function by its module and qualified name."""
+    if not callable(weight):
+        return weight
+    owner = weight if hasattr(weight, "__qualname__") else type(weight)
+    return f"{owner.__module__}.{owner.__qualname__}"
+
+
+def _schedule_key(schedule) -> list[tuple[str, dict[str, float | str], int]]:
+    return [
+        (stage.name, {name: _weight_key(weight) for name, weight in stage.losses.items()}, stage.steps)
+        for stage in schedule
+    ]
 
 
 def _rng_state() -> dict[str, object]:
@@ -40,8 +59,18 @@ def _set_rng_state(state: dict[str, object]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _fsync_directory(directory: str) -> None:
+    if not hasattr(os, "O_DIRECTORY"):  # directories cannot be opened for fsync on Windows
+        return
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def save(runner, path: str | os.PathLike) -> None:
-    """Write ``runner``'s checkpoint to ``path`` (atomically: a temporary file, then a rename)."""
+    """Write ``runner``'s checkpoint to ``path``, durably (module docstring)."""
     state = {
         "format": FORMAT,
         "step": runner.step_index,
@@ -52,9 +81,22 @@ def save(runner, path: str | os.PathLike) -> None:
         "lr_scheduler": None if runner.lr_scheduler is None else runner.lr_scheduler.state_dict(),
         "rng": _rng_state(),
     }
-    tmp = f"{os.fspath(path)}.tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    path = os.fspath(path)
+    tmp = f"{path}.tmp"
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as error:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+        if not isinstance(error, OSError):
+            raise
+        message = f"could not write the checkpoint {path} ({error}); the previous checkpoint, if any, is unchanged"
+        raise (OSError(message) if error.errno is None else OSError(error.errno, message)) from error
+    _fsync_directory(os.path.dirname(os.path.abspath(path)))
 
 
 def load(runner, path: str | os.PathLike) -> None:

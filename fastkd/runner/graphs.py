@@ -9,8 +9,9 @@ Life of a stage: the first ``warmup`` steps run eagerly on a side stream (lazy s
 optimizer's moments is allocated there, outside the graph), the next step captures the graph and
 every step from then on copies its batch into the static buffers and replays it. The optimizer must
 be capturable (``capturable=True``, set by :func:`make_capturable` with the learning rate moved into
-a tensor, so that an LR scheduler's ``fill_`` reaches the captured step). When capture fails, the
-reason is logged and the stage runs eagerly.
+a tensor, so that an LR scheduler's ``fill_`` reaches the captured step); the loss weights likewise
+live in a tensor that the runner fills before every step. When capture fails, the reason is logged
+and the stage runs eagerly.
 """
 
 from __future__ import annotations
@@ -102,6 +103,7 @@ class StageGraph:
             with torch.cuda.stream(side):
                 values = self.eager_step(padded)
             torch.cuda.current_stream().wait_stream(side)
+            values.record_stream(torch.cuda.current_stream())  # read there later, after no synchronisation
             return values
         if self.graph is None and not self._capture(padded):
             return self.eager_step(padded)

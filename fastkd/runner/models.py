@@ -6,6 +6,9 @@ by :class:`TransformersAdapter` automatically; a plain ``nn.Module`` is distille
 
 - ``module`` (the ``nn.Module``: its parameters, ``train()``/``eval()``), ``num_layers`` (blocks),
   ``hidden_size`` (width of the hidden states), ``num_heads`` (heads of the attention maps);
+- optionally ``causal`` (default True): whether the logits at position ``i`` predict token
+  ``i + 1`` (a causal LM) rather than token ``i`` (a masked LM such as BERT); it decides which
+  rows the logit loss counts when the batch has ``labels`` (:func:`fastkd.logit_mask`);
 - ``features(batch, *, hidden, attentions, head_input) -> Features``: run the model on ``batch``
   (a dict with ``input_ids`` and ``attention_mask``, ``[B, L]``) and return only what was asked:
   the hidden states with the indices in ``hidden`` (0 = embeddings, ``i`` = output of block ``i``;
@@ -24,7 +27,11 @@ applies to the attention output as usual), and calls SDPA for every other block.
 ``att`` run the model's own attention implementation (SDPA by default). The LM head is
 ``get_output_embeddings()``: a plain ``lm_head`` linear layer (Llama, Qwen2, GPT-2, ...), or BERT's
 ``cls.predictions``, whose transform (dense, activation, LayerNorm) is applied to the final hidden
-states to make the head input. Other heads need a :class:`ModelAdapter`.
+states to make the head input; such a model is a masked LM unless ``config.is_decoder``, a model
+with an ``lm_head`` is causal. Other heads need a :class:`ModelAdapter`. A model whose final
+logits are transformed after the head (``LOGIT_TRANSFORMS``: Gemma-2/3's soft-capping, Cohere's
+``logit_scale``, Granite's ``logits_scaling``) cannot be used in a stage with ``logit``: the logit
+loss works on the head's linear output.
 """
 
 from __future__ import annotations
@@ -39,6 +46,9 @@ import torch.nn.functional as F
 from torch import nn
 
 ATTENTION_NAME = "fastkd"
+
+# transformers config field that transforms the final logits -> its value when it does not.
+LOGIT_TRANSFORMS = {"final_logit_softcapping": None, "logit_scale": 1, "logits_scaling": 1}
 
 
 class Features(NamedTuple):
@@ -56,6 +66,7 @@ class ModelAdapter(abc.ABC):
     num_layers: int
     hidden_size: int
     num_heads: int
+    causal: bool = True
 
     @abc.abstractmethod
     def features(
@@ -201,6 +212,16 @@ def _head_parts(model: nn.Module) -> tuple[nn.Module | None, nn.Linear]:
     )
 
 
+def logit_transform(config) -> str | None:
+    """``"field=value"`` of the first ``LOGIT_TRANSFORMS`` field that ``config`` (or its text config) turns on."""
+    for part in (config, config.get_text_config()):
+        for field, identity in LOGIT_TRANSFORMS.items():
+            value = getattr(part, field, identity)
+            if value is not None and value != identity:
+                return f"{field}={value!r}"
+    return None
+
+
 class TransformersAdapter(ModelAdapter):
     """A transformers model (causal LM such as Llama, Qwen2, GPT-2; encoder such as BERT)."""
 
@@ -210,6 +231,9 @@ class TransformersAdapter(ModelAdapter):
         self.num_layers = config.num_hidden_layers
         self.hidden_size = config.hidden_size
         self.num_heads = config.num_attention_heads
+        predictions = getattr(getattr(model, "cls", None), "predictions", None)
+        self.causal = predictions is None or bool(getattr(config, "is_decoder", False))
+        self._logit_transform = logit_transform(config)
         self._own_attention = config._attn_implementation
         register_attention()
 
@@ -219,6 +243,12 @@ class TransformersAdapter(ModelAdapter):
             self.module.set_attn_implementation(name)
 
     def lm_head(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if self._logit_transform is not None:
+            raise ValueError(
+                f"{type(self.module).__name__}: its config sets {self._logit_transform}, which transforms the "
+                "final logits after the LM head; the logit loss does not support that, so a stage with 'logit' "
+                "cannot use this model"
+            )
         _, head = _head_parts(self.module)
         return head.weight, head.bias
 

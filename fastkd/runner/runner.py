@@ -1,7 +1,8 @@
 """``StageRunner``: distil a student from a teacher through a :class:`~fastkd.runner.Schedule`.
 
-Each step of a stage computes ``loss = sum(w * L)`` over the stage's losses, with ``m`` the
-padding mask (``attention_mask``) of the batch:
+Step ``k`` of a stage computes ``loss = sum(w(k) * L)`` over the stage's losses (``w(k)``: the
+weight, constant or a function of ``k``), with ``m`` the padding mask (``attention_mask``) of the
+batch:
 
 - ``hidden``: ``fastkd.hidden_mse([P_k(h_s[i_k])], [h_t[j_k]], mask=m)`` over the layer map's
   hidden pairs ``(i_k, j_k)``; ``P_k`` is a learned ``nn.Linear(D_s, D_t)`` per pair when the
@@ -9,11 +10,25 @@ padding mask (``attention_mask``) of the batch:
 - ``att``: ``fastkd.attention_kl(student maps, teacher maps, mask=m, kind="probs")`` over the
   attention pairs, on probabilities before dropout;
 - ``logit``: ``fastkd.fused_linear_kl(head input of the student, its LM-head weight, the teacher's
-  two, temperature=T, mask=m * (labels != -100))``: the logits are never materialised.
+  two, temperature=T, mask=fastkd.logit_mask(labels, m, causal=...))``: the logits are never
+  materialised; for a causal LM row ``i`` counts when token ``i + 1`` has a label, for a masked LM
+  when token ``i`` has one (without ``labels``: every row of ``m``).
 
 The models are asked only for what the stage uses: no LM head runs in a stage without ``logit``,
 and a stage with only ``logit`` asks for no hidden states or attention maps. The teacher runs in
 eval mode under ``torch.no_grad``, the student in train mode.
+
+The runner does not wait for the device during a step (a replayed CUDA graph does not; an eager
+step may, inside transformers' forward pass; ``measure=True`` does, to time the step; writing a
+checkpoint does). The weights of a step are written into a device tensor before it runs (a CUDA
+graph reads them from there), and :meth:`StageRunner.step` returns
+:class:`~fastkd.runner.metrics.Metrics` whose losses are copied to the host (one synchronisation)
+only when one is read. Non-finite losses are watched on the device: after every step, the first
+step whose losses were not all finite is recorded; that record is read whenever metrics are read,
+every ``log_every`` steps and at the end of :meth:`StageRunner.run`, and before every checkpoint is
+written, and then :class:`NonFiniteLossError` names the stage, the global step and the loss. So
+:meth:`StageRunner.run` stops at most ``log_every`` steps after a loss became NaN or infinite, and
+no checkpoint is ever written after such a step: the last one is left as it was.
 """
 
 from __future__ import annotations
@@ -29,12 +44,14 @@ from torch import nn
 import fastkd
 from fastkd._validation import check_choice, check_temperature
 from fastkd.fused_linear import fused_linear_kl
+from fastkd.masks import logit_mask
 from fastkd.runner import checkpoint
 from fastkd.runner.graphs import StageGraph, make_capturable, log
 from fastkd.runner.layer_map import resolve_layer_map
 from fastkd.runner.measure import StepMeter
+from fastkd.runner.metrics import FiniteWatch, Metrics, NonFiniteLossError
 from fastkd.runner.models import Features, ModelAdapter, as_adapter
-from fastkd.runner.schedule import Schedule, Stage
+from fastkd.runner.schedule import LOSSES, Schedule, Stage
 
 
 @dataclass(frozen=True)
@@ -61,10 +78,17 @@ class StageRunner:
             ``True`` (the same, but an error off CUDA) or ``False`` (eager).
         checkpoint_dir: when given, ``latest.pt`` there is written at the end of every stage and,
             with ``checkpoint_every``, every that many steps.
-        lr_scheduler: stepped after every optimizer step.
+        lr_scheduler: stepped after every optimizer step: a function ``optimizer -> scheduler``,
+            called once the runner has added its projections' parameter group (so that the group
+            is scheduled like the others), or a scheduler built on ``optimizer`` beforehand, which
+            is only accepted when the runner adds no group.
         pad_to: the static sequence length of CUDA-graphed stages (default: the stage's first batch's).
         graph_warmup: eager steps before each stage's capture.
         quiet: no progress bar in :meth:`run`.
+        log_every: :meth:`run` reads the losses (one host synchronisation) every that many steps,
+            to show them and to check that they are finite (module docstring).
+        measure: add ``time_ms`` and ``peak_mem_mb`` to every step's metrics
+            (:mod:`fastkd.runner.measure`); this synchronises with the device twice per step.
     """
 
     def __init__(
@@ -83,6 +107,8 @@ class StageRunner:
         pad_to: int | None = None,
         graph_warmup: int = 3,
         quiet: bool = False,
+        log_every: int = 10,
+        measure: bool = False,
     ) -> None:
         if not isinstance(schedule, Schedule):
             raise TypeError(f"schedule: expected a fastkd.Schedule, got {type(schedule).__name__}")
@@ -94,6 +120,10 @@ class StageRunner:
                 raise ValueError(f"{name}: expected a positive int or None, got {value!r}")
         if not isinstance(graph_warmup, int) or graph_warmup < 0:
             raise ValueError(f"graph_warmup: expected an int >= 0, got {graph_warmup!r}")
+        if isinstance(log_every, bool) or not isinstance(log_every, int) or log_every <= 0:
+            raise ValueError(f"log_every: expected a positive int, got {log_every!r}")
+        if not isinstance(measure, bool):
+            raise TypeError(f"measure: expected a bool, got {type(measure).__name__}")
         self.student = as_adapter(student, "student")
         self.teacher = as_adapter(teacher, "teacher")
         self.schedule = schedule
@@ -102,22 +132,30 @@ class StageRunner:
         self.layer_map = resolve_layer_map(layer_map, self.student.num_layers, self.teacher.num_layers)
         self.checkpoint_dir = checkpoint_dir
         self.checkpoint_every = checkpoint_every
-        self.lr_scheduler = lr_scheduler
         self.pad_to = pad_to
         self.graph_warmup = graph_warmup
         self.quiet = quiet
+        self.log_every = log_every
+        self.measure = measure
 
         parameter = next(self.student.module.parameters())
         self.device = parameter.device
         used = {name for stage in schedule for name in stage.losses}
         self._check_models(used)
+        project = "hidden" in used and self.student.hidden_size != self.teacher.hidden_size
+        _check_scheduler(lr_scheduler, len(optimizer.param_groups), project)
         self.projections = nn.ModuleList()
-        if "hidden" in used and self.student.hidden_size != self.teacher.hidden_size:
+        if project:
             self.projections.extend(
                 nn.Linear(self.student.hidden_size, self.teacher.hidden_size, device=self.device, dtype=parameter.dtype)
                 for _ in self.layer_map.hidden
             )
             optimizer.add_param_group({"params": list(self.projections.parameters())})
+        self.lr_scheduler = lr_scheduler(optimizer) if callable(lr_scheduler) else lr_scheduler
+        if self.lr_scheduler is not None and not hasattr(self.lr_scheduler, "step"):
+            raise TypeError(
+                f"lr_scheduler: the function returned {type(self.lr_scheduler).__name__}, expected a scheduler"
+            )
 
         # Why steps run eagerly; None when each stage's step is captured in a CUDA graph.
         self.graph_reason: str | None
@@ -138,6 +176,10 @@ class StageRunner:
         self._requests: tuple[Request, Request] | None = None
         self._graph: StageGraph | None = None
         self._meter = StepMeter(self.device)
+        # The weight of each of LOSSES at the current step, read by the step (and its CUDA graph).
+        self._weights = torch.zeros(len(LOSSES), device=self.device)
+        self._filled: tuple[tuple[str, float], ...] | None = None
+        self._watch = FiniteWatch(self.device, 1 + len(LOSSES))
 
     # ----------------------------------------------------------------------------------------
     # Set-up checks.
@@ -158,6 +200,12 @@ class StageRunner:
                 raise ValueError(
                     f"logit: vocabulary sizes differ, student V={student_weight.shape[0]}, "
                     f"teacher V={teacher_weight.shape[0]}"
+                )
+            if self.student.causal != self.teacher.causal:
+                kinds = {True: "a causal LM", False: "a masked LM"}
+                raise ValueError(
+                    f"logit: the student is {kinds[self.student.causal]} and the teacher {kinds[self.teacher.causal]}, "
+                    "so their logits at a position predict different tokens"
                 )
 
     # ----------------------------------------------------------------------------------------
@@ -232,15 +280,26 @@ class StageRunner:
             losses.append(fastkd.attention_kl(s.attentions, t.attentions, mask=mask, kind="probs"))
         if "logit" in stage.losses:
             losses.append(self._logit_loss(batch, s, t))
-        total = sum(weight * loss.float() for weight, loss in zip(stage.losses.values(), losses))
-        return torch.stack([total, *(loss.float() for loss in losses)])
+        return self._weighted(stage, losses)
+
+    def _weighted(self, stage: Stage, losses: list[torch.Tensor]) -> torch.Tensor:
+        """``[sum(w * L), *L]`` in float32, with this step's weights ``w`` read from ``self._weights``."""
+        losses = [loss.float() for loss in losses]
+        total = sum(self._weights[LOSSES.index(name)] * loss for name, loss in zip(stage.losses, losses))
+        return torch.stack([total, *losses])
+
+    def _fill_weights(self, stage: Stage, step: int) -> None:
+        """Write the weights of step ``step`` of ``stage`` into ``self._weights`` (where they changed)."""
+        weights = tuple((name, stage.weight(name, step)) for name in stage.losses)
+        if weights != self._filled:
+            for name, weight in weights:
+                self._weights[LOSSES.index(name)].fill_(weight)
+            self._filled = weights
 
     def _logit_loss(self, batch: Mapping[str, torch.Tensor], s: Features, t: Features) -> torch.Tensor:
         student_weight, student_bias = self.student.lm_head()
         teacher_weight, teacher_bias = self.teacher.lm_head()
-        mask = batch["attention_mask"] != 0
-        if "labels" in batch:
-            mask = mask & (batch["labels"] != -100)
+        mask = logit_mask(batch.get("labels"), batch["attention_mask"], causal=self.student.causal)
         return fused_linear_kl(
             s.head_input.flatten(0, -2),
             student_weight,
@@ -267,37 +326,45 @@ class StageRunner:
             prepared["attention_mask"] = torch.ones_like(prepared["input_ids"])
         return prepared
 
-    def step(self, batch: Mapping[str, torch.Tensor]) -> dict[str, object]:
-        """Run one optimizer step of the current stage on ``batch``; its metrics.
+    def step(self, batch: Mapping[str, torch.Tensor]) -> Metrics:
+        """Run one optimizer step of the current stage on ``batch``; its metrics, without waiting for it.
 
-        Metrics: ``stage`` (name), ``step`` (global, from 0), ``loss`` (weighted total), one
-        ``loss_<name>`` per loss of the stage, ``time_ms`` and ``peak_mem_mb`` (peak memory of the
-        step above what was held when it began, see :mod:`fastkd.runner.measure`).
+        Metrics (a read-only mapping): ``stage`` (name), ``step`` (global, from 0), ``loss``
+        (weighted total) and one ``loss_<name>`` per loss of the stage, read from the device when
+        one is asked for (which also checks for non-finite losses, see the module docstring); with
+        ``measure=True`` also ``time_ms`` and ``peak_mem_mb`` (peak memory of the step above what
+        was held when it began, see :mod:`fastkd.runner.measure`).
         """
         if self.finished:
             raise RuntimeError(f"the schedule has ended after {self.schedule.total_steps} steps")
-        index, _ = self.schedule.locate(self.step_index)
+        index, step_in_stage = self.schedule.locate(self.step_index)
         if index != self._stage_index:
             self._enter_stage(index)
         self._set_modes()
         stage = self.schedule[index]
+        self._fill_weights(stage, step_in_stage)
         batch = self._prepare_batch(batch)
-        self._meter.start()
+        if self.measure:
+            self._meter.start()
         values = self._graph.step(batch) if self._graph is not None else self._eager_step(batch)
-        values = values.tolist()
-        seconds, peak = self._meter.stop()
+        measured = {}
+        if self.measure:
+            seconds, peak = self._meter.stop()
+            measured = {"time_ms": seconds * 1e3, "peak_mem_mb": peak}
+        self._watch.update(self.step_index, values)
         if self.lr_scheduler is not None:
             self.lr_scheduler.step()
-        metrics: dict[str, object] = {"stage": stage.name, "step": self.step_index, "loss": values[0]}
-        metrics.update({f"loss_{name}": value for name, value in zip(stage.losses, values[1:])})
-        metrics["time_ms"] = seconds * 1e3
-        metrics["peak_mem_mb"] = peak
+        metrics = Metrics(stage.name, self.step_index, _loss_names(stage), values, measured, self.check_finite)
         self.step_index += 1
         self._autosave(index)
         return metrics
 
-    def run(self, batches: Iterable[Mapping[str, torch.Tensor]]) -> Iterator[dict[str, object]]:
-        """Step through ``batches`` until the schedule ends or they run out, yielding each step's metrics."""
+    def run(self, batches: Iterable[Mapping[str, torch.Tensor]]) -> Iterator[Metrics]:
+        """Step through ``batches`` until the schedule ends or they run out, yielding each step's metrics.
+
+        Every ``log_every`` steps and at the end, the losses are read: the progress bar shows them,
+        and a loss that became non-finite raises :class:`NonFiniteLossError` (module docstring).
+        """
         from tqdm.auto import tqdm
 
         bar = tqdm(total=self.schedule.total_steps, initial=self.step_index, disable=self.quiet, desc="distil")
@@ -306,26 +373,40 @@ class StageRunner:
                 if self.finished:
                     break
                 metrics = self.step(batch)
-                bar.update(1)
-                bar.set_postfix(
-                    {"stage": metrics["stage"], **{k: f"{v:.4g}" for k, v in metrics.items() if k.startswith("loss")}},
-                    refresh=False,
-                )
+                if self.step_index % self.log_every == 0 or self.finished:
+                    # Reading the losses synchronises once and checks that every step so far was finite.
+                    losses = {k: f"{v:.4g}" for k, v in metrics.items() if k.startswith("loss")}
+                    bar.update(self.step_index - bar.n)
+                    bar.set_postfix({"stage": metrics["stage"], **losses}, refresh=False)
                 yield metrics
+            self.check_finite()
         finally:
+            bar.update(self.step_index - bar.n)
             bar.close()
+
+    def check_finite(self) -> None:
+        """Raise :class:`NonFiniteLossError` if a step so far had a non-finite loss (one host synchronisation)."""
+        found = self._watch.read()
+        if found is None:
+            return
+        step, values = found
+        stage = self.schedule[self.schedule.locate(step)[0]]
+        raise NonFiniteLossError(stage.name, step, dict(zip(_loss_names(stage), values)))
 
     # ----------------------------------------------------------------------------------------
     # Checkpoints.
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write a checkpoint (see :mod:`fastkd.runner.checkpoint`) to ``path``."""
+        """Write a checkpoint (see :mod:`fastkd.runner.checkpoint`) to ``path``, after checking that
+        every step so far had finite losses (:meth:`check_finite`)."""
+        self.check_finite()
         checkpoint.save(self, path)
 
     def load(self, path: str | os.PathLike) -> None:
         """Restore a checkpoint written by :meth:`save`; the next step is the saved position."""
         checkpoint.load(self, path)
         self._stage_index = None
+        self._watch.reset()
 
     def _autosave(self, index: int) -> None:
         if self.checkpoint_dir is None:
@@ -335,3 +416,29 @@ class StageRunner:
         if stage_end or periodic:
             os.makedirs(self.checkpoint_dir, exist_ok=True)
             self.save(os.path.join(self.checkpoint_dir, "latest.pt"))
+
+
+def _check_scheduler(lr_scheduler: object, groups: int, project: bool) -> None:
+    """A scheduler built beforehand must schedule the optimizer's ``groups`` parameter groups and,
+    if ``project``, the one the runner is about to add for its projections."""
+    if lr_scheduler is None or callable(lr_scheduler):
+        return
+    if not hasattr(lr_scheduler, "step"):
+        raise TypeError(
+            "lr_scheduler: expected a function optimizer -> scheduler or a scheduler, "
+            f"got {type(lr_scheduler).__name__}"
+        )
+    scheduled = getattr(lr_scheduler, "base_lrs", None)
+    if scheduled is not None and len(scheduled) != groups + project:
+        added = " and the runner adds one for its projections" if project else ""
+        raise ValueError(
+            f"lr_scheduler: it schedules {len(scheduled)} parameter group(s), but the optimizer has {groups}{added}; "
+            "pass a function optimizer -> scheduler instead (e.g. "
+            "lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, f)), which the runner calls once "
+            "every group is there"
+        )
+
+
+def _loss_names(stage: Stage) -> list[str]:
+    """The metric names of a step's losses: ``loss`` (the weighted total), then ``loss_<name>``."""
+    return ["loss", *(f"loss_{name}" for name in stage.losses)]

@@ -1,8 +1,10 @@
 """Stages and schedules: which losses, with which weights, for how many steps.
 
 A :class:`Stage` trains with a weighted sum of some of the three losses (``"hidden"``, ``"att"``,
-``"logit"``); a :class:`Schedule` runs stages one after the other. The presets are DESIGN.md's
-table, every weight 1.0 unless ``weights`` says otherwise:
+``"logit"``); a :class:`Schedule` runs stages one after the other. A weight is a constant or a
+function ``weight(k) -> float`` of the step ``k`` within the stage (from 0), called before each step
+and checked then (finite, >= 0). The presets are the three configurations, every weight 1.0 unless
+``weights`` says otherwise:
 
 ==============  ====================  ====================  ===========
 preset          Stage "I"             Stage "II"            Stage "III"
@@ -16,7 +18,8 @@ preset          Stage "I"             Stage "II"            Stage "III"
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping, Sequence
+import numbers
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
 
@@ -32,6 +35,8 @@ PRESETS: dict[str, tuple[tuple[str, ...], ...]] = {
 
 STAGE_NAMES = ("I", "II", "III")
 
+Weight = float | Callable[[int], float]
+
 
 def _check_count(name: str, value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
@@ -41,7 +46,15 @@ def _check_count(name: str, value: object) -> int:
     return value
 
 
-def _check_losses(losses: object) -> Mapping[str, float]:
+def _check_weight(where: str, weight: object) -> float:
+    if isinstance(weight, bool) or not isinstance(weight, numbers.Real):
+        raise TypeError(f"{where}: expected a float weight, got {type(weight).__name__}")
+    if not math.isfinite(weight) or weight < 0:
+        raise ValueError(f"{where}: expected a finite weight >= 0, got {weight!r}")
+    return float(weight)
+
+
+def _check_losses(losses: object) -> Mapping[str, Weight]:
     if not isinstance(losses, Mapping):
         raise TypeError(f"losses: expected a mapping of loss name to weight, got {type(losses).__name__}")
     if not losses:
@@ -50,27 +63,24 @@ def _check_losses(losses: object) -> Mapping[str, float]:
     for name, weight in losses.items():
         if name not in LOSSES:
             raise ValueError(f"losses: unknown loss {name!r}, expected some of {', '.join(map(repr, LOSSES))}")
-        if isinstance(weight, bool) or not isinstance(weight, (int, float)):
-            raise TypeError(f"losses[{name!r}]: expected a float weight, got {type(weight).__name__}")
-        if not math.isfinite(weight) or weight < 0:
-            raise ValueError(f"losses[{name!r}]: expected a finite weight >= 0, got {weight!r}")
-        checked[name] = float(weight)
+        checked[name] = weight if callable(weight) else _check_weight(f"losses[{name!r}]", weight)
     # Canonical order (hidden, att, logit), whatever order the caller wrote.
     return MappingProxyType({name: checked[name] for name in LOSSES if name in checked})
 
 
 @dataclass(frozen=True, eq=True)
 class Stage:
-    """One stage: ``loss = sum(weight * L_name for name, weight in losses.items())`` for ``steps`` steps.
+    """One stage: ``loss = sum(w_name(k) * L_name for name in losses)`` at its step ``k``, for ``steps`` steps.
 
     Args:
         name: shown in metrics and the progress bar.
-        losses: maps ``"hidden"``, ``"att"`` and/or ``"logit"`` to a weight >= 0.
+        losses: maps ``"hidden"``, ``"att"`` and/or ``"logit"`` to a weight: a float >= 0, or a
+            function of the step within the stage (0 .. steps - 1) returning one.
         steps: number of optimizer steps, > 0.
     """
 
     name: str
-    losses: Mapping[str, float]
+    losses: Mapping[str, Weight]
     steps: int
 
     def __post_init__(self) -> None:
@@ -80,6 +90,13 @@ class Stage:
         _check_count("steps", self.steps)
 
     __hash__ = None  # the losses mapping is not hashable
+
+    def weight(self, name: str, step: int) -> float:
+        """The weight of loss ``name`` at step ``step`` of the stage (a function's value, checked)."""
+        weight = self.losses[name]
+        if not callable(weight):
+            return weight
+        return _check_weight(f"losses[{name!r}] of stage {self.name!r} at step {step}", weight(step))
 
 
 class Schedule:
@@ -97,7 +114,7 @@ class Schedule:
 
     @classmethod
     def preset(
-        cls, name: str, steps: Sequence[int], weights: Mapping[str, float] | None = None
+        cls, name: str, steps: Sequence[int], weights: Mapping[str, Weight] | None = None
     ) -> Schedule:
         """One of ``"one-stage"``, ``"two-stage"``, ``"three-stage"`` (table in the module docstring).
 
