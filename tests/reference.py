@@ -194,9 +194,12 @@ def run_and_compare(fn, loss: str, students, teachers, *, mask=None, reduction="
     the same inputs, backpropagate the same random upstream gradient through both (a random scalar,
     or a random tensor for ``"none"``), and compare values, dtypes and the students' gradients.
 
-    The tolerances are those of ``tolerances``, or twice the error of the same formula evaluated in
-    float32 where that is larger: a loss computed in float32 cannot beat float32 arithmetic where
-    the loss is ill conditioned (a KL of 1e-4 of the log-probabilities it is made from).
+    The tolerances are those of ``tolerances``, or four times the error of the same formula
+    evaluated in float32 where that is larger: a loss computed in float32 cannot beat float32
+    arithmetic where the loss is ill conditioned (a KL of 1e-4 of the log-probabilities it is made
+    from), and another order of the same float32 operations rounds differently. A gradient beyond
+    the range of the student's dtype (``-p / q`` of a tiny float16 ``q``) is compared saturated: it
+    overflows to inf there, as PyTorch's own float16 arithmetic does.
 
     ``students`` must require grad (leaves or views of leaves). Returns ``fn``'s output.
     """
@@ -222,8 +225,8 @@ def run_and_compare(fn, loss: str, students, teachers, *, mask=None, reduction="
     if dtype == torch.float32:
         wants32, s32 = reference(torch.float32)
         grads32 = torch.autograd.grad(wants32, s32, [u.to(w.device) for u, w in zip(upstream, wants32)])
-        loss_rtols = [max(r, 2 * rel_err(a.detach(), b.detach())) for r, a, b in zip(loss_rtols, wants32, wants)]
-        grad_rtols = [max(r, 2 * rel_err(a, b)) for r, a, b in zip(grad_rtols, grads32, want_grads)]
+        loss_rtols = [max(r, 4 * rel_err(a.detach(), b.detach())) for r, a, b in zip(loss_rtols, wants32, wants)]
+        grad_rtols = [max(r, 4 * rel_err(a, b)) for r, a, b in zip(grad_rtols, grads32, want_grads)]
 
     for i, (o, w, rtol) in enumerate(zip(outs, wants, loss_rtols)):
         assert o.dtype == dtype, f"loss {i}: dtype {o.dtype}, expected {dtype}"
@@ -236,5 +239,7 @@ def run_and_compare(fn, loss: str, students, teachers, *, mask=None, reduction="
     grads = torch.autograd.grad(outs, s_list, [u.to(o.device, o.dtype) for u, o in zip(upstream, outs)])
     for i, (s, g, w, rtol) in enumerate(zip(s_list, grads, want_grads, grad_rtols)):
         assert g.dtype == s.dtype, f"grad {i}: dtype {g.dtype}, expected the student's {s.dtype}"
+        limit = torch.finfo(s.dtype).max
+        g, w = g.double().clamp(-limit, limit), w.clamp(-limit, limit)
         assert_close(g, w, rtol, f"grad {i}", atol=rtol * options.get("temperature", 1.0))
     return out

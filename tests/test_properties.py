@@ -2,14 +2,19 @@
 formulas, and the identities every KD loss must satisfy (non-negativity, zero at the teacher, shift
 invariance, masking = selecting rows, pairs = sum of single pairs, probs = softmaxed scores).
 
-Examples are few (Triton's interpreter is slow) and derandomized, so that CI is reproducible.
+Each run draws new examples: ``ci`` (the default profile) tries 25 per test and backend, which keeps
+the file near a minute with Triton's interpreter; ``HYPOTHESIS_PROFILE=explore`` tries 1000 for a
+long search. A failure prints the example and its ``@reproduce_failure`` blob; a failure found this
+way is fixed and kept below its test as an explicit ``@example``.
 """
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from reference import assert_close, run_and_compare
 
@@ -17,16 +22,15 @@ import fastkd
 
 pytestmark = pytest.mark.usefixtures("nan_empty")
 
-SETTINGS = settings(
-    max_examples=6,
-    deadline=None,
-    derandomize=True,
-    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
-)
+_COMMON = dict(deadline=None, print_blob=True, database=None,
+               suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+settings.register_profile("ci", max_examples=25, **_COMMON)
+settings.register_profile("explore", max_examples=1000, **_COMMON)
+SETTINGS = settings(settings.get_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci")))
 
 leading = st.lists(st.integers(1, 4), min_size=1, max_size=3).map(tuple)
 widths = st.sampled_from([1, 2, 17, 100, 513, 1025])
-dtypes = st.sampled_from([torch.float32, torch.bfloat16, torch.float16])
+dtypes = st.sampled_from([torch.float32, torch.bfloat16, torch.float16, torch.float64])
 reductions = st.sampled_from(["mean", "sum", "none"])
 seeds = st.integers(0, 2**31 - 1)
 
@@ -53,9 +57,19 @@ def test_hidden_mse_random(device, lead, width, dtype, reduction, masked, seed):
 
 @SETTINGS
 @given(lead=leading, width=widths, dtype=dtypes, reduction=reductions, masked=st.booleans(),
-       temperature=st.floats(0.05, 50.0), scale=st.floats(1.0, 8.0), seed=seeds)
-def test_logit_kl_random(device, lead, width, dtype, reduction, masked, temperature, scale, seed):
+       temperature=st.floats(0.01, 100.0), scale=st.floats(1.0, 8.0), empty_row=st.booleans(),
+       seed=seeds)
+# found by a search: two logits whose KL is 6e-4 of its terms (float32 cancellation)
+@example(lead=(1,), width=2, dtype=torch.float32, reduction="mean", masked=False, temperature=1.0,
+         scale=1.0, empty_row=False, seed=3)
+@example(lead=(1,), width=2, dtype=torch.float32, reduction="mean", masked=False, temperature=1.0,
+         scale=2.0, empty_row=False, seed=32)
+def test_logit_kl_random(device, lead, width, dtype, reduction, masked, temperature, scale, empty_row, seed):
+    """Random logits at any supported temperature; with ``empty_row``, the teacher's first row is
+    all -inf (it contributes nothing)."""
     s, t, mask = inputs(seed, lead + (width,), device, dtype, scale=scale * temperature)
+    if empty_row:
+        t.view(-1, width)[0] = float("-inf")
     run_and_compare(fastkd.logit_kl, "logit_kl", s, t, mask=mask if masked else None,
                     reduction=reduction, temperature=temperature)
 
@@ -67,6 +81,8 @@ attention_shapes = st.tuples(st.integers(1, 3), st.integers(1, 3), st.integers(1
 @SETTINGS
 @given(shape=attention_shapes, kind=st.sampled_from(["probs", "scores"]), dtype=dtypes,
        reduction=reductions, masked=st.booleans(), seed=seeds)
+# found by a search: float16 probabilities so small that -p / q overflows float16
+@example(shape=(1, 1, 3, 1025), kind="probs", dtype=torch.float16, reduction="sum", masked=False, seed=0)
 def test_attention_kl_random(device, shape, kind, dtype, reduction, masked, seed):
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
@@ -83,12 +99,16 @@ def test_attention_kl_random(device, shape, kind, dtype, reduction, masked, seed
 
 @SETTINGS
 @given(lead=leading, width=widths, temperature=st.floats(0.1, 10.0), seed=seeds)
+# found by a search: one logit per row, where the KL is 0 up to the rounding of |x / T| ~ 4
+@example(lead=(2, 2, 3), width=1, temperature=7.63671875, seed=13372130)
 def test_logit_kl_identities(device, lead, width, temperature, seed):
     """KL >= 0 per row; KL(t, t) = 0 with zero gradient; adding a constant to a row of student
     logits changes nothing."""
     s, t, _ = inputs(seed, lead + (width,), device, scale=2 * temperature)
     rows = fastkd.logit_kl(s, t, temperature=temperature, reduction="none")
-    assert (rows >= -1e-6 * temperature**2).all()
+    # rounding of the terms, each about |x / T|, is scaled by T^2
+    largest = max(s.abs().max().item(), t.abs().max().item()) / temperature
+    assert (rows >= -1e-6 * temperature**2 * (1 + largest)).all()
 
     same = t.clone().requires_grad_()
     zero = fastkd.logit_kl(same, t, temperature=temperature)
