@@ -12,6 +12,8 @@ Implementations of the losses, each computing forward and (through the harness) 
   compiles forward and backward, is reported apart as ``first_call_ms``.
 - ``liger``: Liger-Kernel's ``LigerKLDIVLoss`` where it applies (logit and attention KL), when
   ``liger_kernel`` is importable and the device is CUDA; its exact use is in ``Case.configs``.
+- ``fastkd_mask`` (``hidden_mse``): ``fastkd`` with an all-ones row mask, the masked kernel path
+  timed beside the unmasked one.
 """
 
 from __future__ import annotations
@@ -97,6 +99,14 @@ def fastkd_hidden_mse(students, teachers):
     import fastkd
 
     return fastkd.hidden_mse(students, teachers)
+
+
+def fastkd_hidden_mse_mask(students, teachers):
+    """``fastkd.hidden_mse`` with an all-ones row mask: the masked path on the same rows."""
+    import fastkd
+
+    mask = torch.ones(students[0].shape[:-1], dtype=torch.bool, device=students[0].device)
+    return fastkd.hidden_mse(students, teachers, mask=mask)
 
 
 def fastkd_attention_kl(students, teachers, mask):
@@ -254,6 +264,12 @@ _LOSS_OPS = {
 }
 
 
+# Further implementations of an op, beside the four above: name -> (function, what it runs).
+_EXTRA_IMPLS = {
+    "hidden_mse": {"fastkd_mask": (fastkd_hidden_mse_mask, "fastkd.hidden_mse with an all-ones row mask")},
+}
+
+
 def loss_case(op: str, device: str, size: str) -> Case:
     """The case of one loss (``logit_kl``, ``hidden_mse``, ``attention_kl``) at a named size."""
     if op not in _LOSS_OPS:
@@ -267,6 +283,10 @@ def loss_case(op: str, device: str, size: str) -> Case:
         pairs, layer_shape = args
         shape, numel = f"{pairs} x {list(layer_shape)}", pairs * math.prod(layer_shape)
     elt = torch.empty((), dtype=dtype).element_size()
+    impls = _impls(torch_fn, fastkd_fn, liger_fn, device)
+    configs = {"liger": LIGER_CONFIGS[op]} if op in LIGER_CONFIGS else {}
+    for name, (fn, config) in _EXTRA_IMPLS.get(op, {}).items():
+        impls[name], configs[name] = fn, config
     return Case(
         op=op,
         shape=shape,
@@ -274,9 +294,9 @@ def loss_case(op: str, device: str, size: str) -> Case:
         device=device,
         size=size,
         make_inputs=lambda: make_inputs(*args, dtype, device),
-        impls=_impls(torch_fn, fastkd_fn, liger_fn, device),
+        impls=impls,
         bytes=3 * numel * elt,  # read s, t; write grad s
-        configs={"liger": LIGER_CONFIGS[op]} if op in LIGER_CONFIGS else {},
+        configs=configs,
     )
 
 
