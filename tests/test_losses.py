@@ -150,11 +150,11 @@ def test_logit_kl_temperature(device, temperature, reduction):
                     temperature=temperature)
 
 
-@pytest.mark.parametrize("temperature", [0.05, 50.0])
+@pytest.mark.parametrize("temperature", [0.01, 0.05, 50.0, 100.0])
 def test_logit_kl_temperature_unscaled(device, temperature):
     """Unit-scale logits at extreme temperatures: finite, and close to the formula within what
     float32 allows (at T = 50 the two distributions are nearly uniform and the KL is ~1e-4 of the
-    log-probabilities it is made from)."""
+    log-probabilities it is made from: float32 loses about T^2 eps / var(logits) of it)."""
     s, t = leaf(randn((5, 1000), device)), randn((5, 1000), device)
     got = fastkd.logit_kl(s, t, temperature=temperature)
     (g,) = torch.autograd.grad(got, s)
@@ -250,7 +250,8 @@ TEMPERATURE_SWEEP = [1e-300, 1e-30, 1e-3, 0.0099, 0.01, 0.05, 1.0, 50.0, 100.0, 
 @pytest.mark.parametrize("temperature", TEMPERATURE_SWEEP)
 def test_logit_kl_any_positive_temperature(device, temperature):
     """Every finite T > 0 either gives a finite result equal to the float64 formula (logits of +-1e4
-    and of unit scale) or is refused with the supported range named."""
+    here; of unit scale at both ends of the range in test_logit_kl_temperature_unscaled) or is
+    refused with the supported range named."""
     low, high = 0.01, 100.0
     s = leaf(((torch.rand(4, 700) * 2 - 1) * 1e4).to(device))
     t = ((torch.rand(4, 700) * 2 - 1) * 1e4).to(device)
@@ -259,15 +260,6 @@ def test_logit_kl_any_positive_temperature(device, temperature):
             fastkd.logit_kl(s, t, temperature=temperature)
         return
     run_and_compare(fastkd.logit_kl, "logit_kl", s, t, temperature=temperature)
-    unit_s, unit_t = leaf(randn((4, 700), device)), randn((4, 700), device)
-    got = fastkd.logit_kl(unit_s, unit_t, temperature=temperature)
-    (grad,) = torch.autograd.grad(got, unit_s)
-    s64 = unit_s.detach().double().requires_grad_()
-    want = reference_loss("logit_kl", s64, unit_t, temperature=temperature)
-    (want_grad,) = torch.autograd.grad(want, s64)
-    # float32 loses about T^2 eps / var(logits) of the value at large T (see README)
-    assert abs(got.item() - want.item()) <= 1e-3 * abs(want.item())
-    assert (grad.double() - want_grad).norm() <= 1e-3 * want_grad.norm()
 
 
 @pytest.mark.parametrize("temperature", [0.3, 3.0, 7.0])
