@@ -193,6 +193,11 @@ def is_transformers_model(model: object) -> bool:
     return isinstance(model, PreTrainedModel)
 
 
+def _mlm_predictions(model: nn.Module) -> nn.Module | None:
+    """BERT's masked-LM head ``cls.predictions`` (transform + decoder), or None."""
+    return getattr(getattr(model, "cls", None), "predictions", None)
+
+
 def _head_parts(model: nn.Module) -> tuple[nn.Module | None, nn.Linear]:
     """(transform applied before the final linear layer or None, that linear layer) of the LM head."""
     head = model.get_output_embeddings()
@@ -201,7 +206,7 @@ def _head_parts(model: nn.Module) -> tuple[nn.Module | None, nn.Linear]:
             f"{type(model).__name__} has no LM head, so a stage with 'logit' cannot use it "
             "(load a model with a head, e.g. AutoModelForCausalLM or BertForMaskedLM)"
         )
-    predictions = getattr(getattr(model, "cls", None), "predictions", None)
+    predictions = _mlm_predictions(model)
     if predictions is not None and getattr(predictions, "decoder", None) is head:
         return predictions.transform, head
     if getattr(model, "lm_head", None) is head and isinstance(head, nn.Linear):
@@ -231,8 +236,7 @@ class TransformersAdapter(ModelAdapter):
         self.num_layers = config.num_hidden_layers
         self.hidden_size = config.hidden_size
         self.num_heads = config.num_attention_heads
-        predictions = getattr(getattr(model, "cls", None), "predictions", None)
-        self.causal = predictions is None or bool(getattr(config, "is_decoder", False))
+        self.causal = _mlm_predictions(model) is None or bool(getattr(config, "is_decoder", False))
         self._logit_transform = logit_transform(config)
         self._own_attention = config._attn_implementation
         register_attention()
