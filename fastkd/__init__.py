@@ -1,7 +1,7 @@
 """fastkd: fused knowledge-distillation losses for PyTorch.
 
-``hidden_mse``, ``attention_kl``, ``logit_kl`` and ``fused_linear_kl`` (and their ``nn.Module``
-forms) compute the distillation losses on one of several backends (``available_backends``,
+``hidden_mse``, ``attention_kl``, ``attention_kl_qk``, ``relation_kl``, ``logit_kl`` and
+``fused_linear_kl`` (and their ``nn.Module`` forms) compute the distillation losses on one of several backends (``available_backends``,
 ``set_backend``, or the ``FASTKD_BACKEND`` environment variable); ``logit_mask`` says which
 token rows a logit loss counts. ``Stage``, ``Schedule`` and ``StageRunner`` distil a student from a
 teacher in one, two or three stages.
@@ -9,6 +9,7 @@ teacher in one, two or three stages.
 
 from fastkd._backend import available_backends, get_backend, set_backend
 from fastkd.attention import attention_kl
+from fastkd.attention_qk import attention_kl_qk, relation_kl
 from fastkd.fused_linear import FusedLinearKLLoss, fused_linear_kl
 from fastkd.hidden import hidden_mse
 from fastkd.logit import logit_kl
@@ -25,11 +26,13 @@ __all__ = [
     "Stage",
     "StageRunner",
     "attention_kl",
+    "attention_kl_qk",
     "available_backends",
     "fused_linear_kl",
     "get_backend",
     "hidden_mse",
     "logit_kl",
     "logit_mask",
+    "relation_kl",
     "set_backend",
 ]

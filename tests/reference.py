@@ -81,6 +81,37 @@ def attention_scores_rows(
     return torch.where(alive.squeeze(-1), (log_p.exp() * diff).sum(-1), 0.0)
 
 
+def qk_scores(q: torch.Tensor, k: torch.Tensor, scale: float, dtype: torch.dtype = F64) -> torch.Tensor:
+    """``q k^T * scale`` per head, ``[B, H, L, d] x [B, H_kv, L, d] -> [B, H, L, L]``; each key head
+    serves ``H / H_kv`` consecutive query heads."""
+    k = k.to(dtype).repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+    return q.to(dtype) @ k.transpose(-1, -2) * scale
+
+
+def attention_qk_rows(q_s, k_s, q_t, k_t, scale_s, scale_t, mask=None, causal=False, dtype=F64):
+    """Per query row KL of ``softmax(S_t)`` from ``softmax(S_s)``, ``S = q k^T * scale``, over the keys
+    kept: ``mask[b, j] != 0`` and, when ``causal``, ``j <= i``. 0 where no key is kept."""
+    s = qk_scores(q_s, k_s, scale_s, dtype)
+    t = qk_scores(q_t.detach(), k_t.detach(), scale_t, dtype)
+    length = s.shape[-1]
+    future = torch.ones(length, length, dtype=torch.bool, device=s.device).triu(1)
+    drop = torch.zeros_like(s, dtype=torch.bool) | (future if causal else False)
+    if mask is not None:
+        drop = drop | (mask[:, None, None, :] == 0)
+    return attention_scores_rows(s.masked_fill(drop, -torch.inf), t.masked_fill(drop, -torch.inf), dtype=dtype)
+
+
+def relation_rows(x_s, x_t, heads: int, mask=None, causal=False, dtype=F64):
+    """MiniLMv2: ``[B, L, D]`` split into ``heads`` heads of width ``D / heads``; the KL per query
+    row of the teacher's relation ``softmax(x x^T / sqrt(D / heads))`` from the student's."""
+    def split(x):
+        batch, length, width = x.shape
+        return x.reshape(batch, length, heads, width // heads).permute(0, 2, 1, 3)
+
+    s, t = split(x_s), split(x_t.detach())
+    return attention_qk_rows(s, s, t, t, s.shape[-1] ** -0.5, t.shape[-1] ** -0.5, mask, causal, dtype)
+
+
 def attention_rows(s, t, kind: str, mask=None, dtype: torch.dtype = F64) -> torch.Tensor:
     """Per-row KL of one attention pair, ``[B, H, Lq, Lk] -> [B, H, Lq]``."""
     if kind == "probs":

@@ -11,6 +11,7 @@ import torch
 
 from fastkd._constants import TINY
 from fastkd._layout import acc_dtype
+from fastkd.backends import qk_chunks
 
 BLOCK_ELEMENTS = 1 << 22
 
@@ -224,3 +225,17 @@ def logit_backward(student, teacher, mask, temperature, stats, grad_rows):
         scale = grad_rows[start:end].to(acc) * temperature
         grad[i, cols] = torch.where(valid[:, None], (q - p) * scale[:, None], 0).to(student.dtype)
     return grad
+
+
+def attention_qk_forward(student_q, student_k, teacher_q, teacher_k, scales, mask, causal):
+    """rows and stats of kind="scores" for S = query key^T * scale, from query chunks of scores
+    (``fastkd.backends.qk_chunks``) through this backend's ``attention_forward``."""
+    return qk_chunks.attention_qk_forward(attention_forward, student_q, student_k, teacher_q, teacher_k, scales,
+                                          mask, causal)
+
+
+def attention_qk_backward(student_q, student_k, teacher_q, teacher_k, scales, mask, causal, stats, grad_rows):
+    """(grads of the student's queries, of its keys): dS = grad_rows (q - p) scale_s, dq = dS key,
+    dk = dS^T query, chunk by chunk through this backend's ``attention_backward``."""
+    return qk_chunks.attention_qk_backward(attention_backward, student_q, student_k, teacher_q, teacher_k, scales,
+                                           mask, causal, stats, grad_rows)
