@@ -1,7 +1,7 @@
 """Backends: modules that compute the per-row values of the three losses and their gradients.
 
-Every backend module (``torch_ref``, ``triton``, ``native``) defines the same six functions. The
-public API (``fastkd.hidden``, ``fastkd.attention``, ``fastkd.logit``) validates the inputs, brings
+Every backend module (``torch_ref``, ``triton``, ``native``) defines the same eight functions. The
+public API (``fastkd.hidden``, ``fastkd.attention``, ``fastkd.attention_qk``, ``fastkd.logit``) validates the inputs, brings
 them into the layouts below and calls these through ``torch.library`` custom ops; backends never
 validate, never reduce over rows and never synchronise with the host.
 
@@ -41,6 +41,15 @@ Functions::
     attention_backward(students, teachers, mask, kind, stats, grad_rows) -> list of grads
     logit_forward(student, teacher, mask, temperature) -> (rows, stats)
     logit_backward(student, teacher, mask, temperature, stats, grad_rows) -> grad
+    attention_qk_forward(student_q, student_k, teacher_q, teacher_k, scales, mask, causal) -> (rows, stats)
+    attention_qk_backward(student_q, student_k, teacher_q, teacher_k, scales, mask, causal, stats,
+                          grad_rows) -> (grads_q, grads_k)
+
+``attention_qk_*`` take lists (layer pairs) of contiguous queries ``[B, H, L, d]`` and keys
+``[B, H_kv, L, d]`` (``H % H_kv == 0``; query head ``h`` reads key head ``h // (H / H_kv)``), ``scales``
+``[scale_s, scale_t]`` of each pair in turn, a ``[B, L]`` mask of query rows and keys, and ``causal``
+(keys ``j > i`` dropped); their rows and stats are those of ``attention`` with ``kind="scores"`` on
+``S = query key^T * scale``, which never exists as a whole: ``[B, H, L]`` rows per pair.
 
 ``students``/``teachers`` are lists of tensors (layer pairs), ``temperature`` a Python float.
 Every backend names things alike: the student first, ``_s``/``_t`` for the student's and the
