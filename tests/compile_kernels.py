@@ -77,12 +77,23 @@ def compile_only(compiled: list):
 DTYPE_PAIRS = [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16),
                (torch.bfloat16, torch.float32), (torch.float64, torch.float64)]
 # (loss, its options): V=100 puts several rows in a program, V=5000 and D=5000 one row over blocks
+# attention_kl_qk: L=20 one 32-row tile, L=100 two 64-row tiles (four 32-row tiles for float64);
+# head widths 16/24 (24 padded to 32), grouped-query attention on both sides (H=4, H_kv 2 and 1)
 LOSSES = [("logit_kl", {"vocab": 100}), ("logit_kl", {"vocab": 5000}), ("hidden_mse", {}),
-          ("attention_kl", {"kind": "probs"}), ("attention_kl", {"kind": "scores"})]
+          ("attention_kl", {"kind": "probs"}), ("attention_kl", {"kind": "scores"}),
+          ("attention_kl_qk", {"length": 20, "causal": False}), ("attention_kl_qk", {"length": 100, "causal": True})]
 
 
-def run_loss(loss: str, s_dtype: torch.dtype, t_dtype: torch.dtype, masked: bool, vocab=None, kind=None) -> None:
+def run_loss(loss: str, s_dtype: torch.dtype, t_dtype: torch.dtype, masked: bool, vocab=None, kind=None,
+             length=None, causal=False) -> None:
     """One loss, forward and backward, on small CPU tensors of the given dtypes."""
+    if loss == "attention_kl_qk":
+        query_s = torch.rand((2, 4, length, 16), dtype=s_dtype, requires_grad=True)
+        key_s = torch.rand((2, 2, length, 16), dtype=s_dtype, requires_grad=True)
+        query_t, key_t = torch.rand((2, 4, length, 24), dtype=t_dtype), torch.rand((2, 1, length, 24), dtype=t_dtype)
+        mask = torch.ones((2, length), dtype=torch.bool) if masked else None
+        fastkd.attention_kl_qk(query_s, key_s, query_t, key_t, mask=mask, causal=causal).backward()
+        return
     if loss == "logit_kl":
         shapes, mask_shape = [(2, 3, vocab)], (2, 3)
     elif loss == "hidden_mse":

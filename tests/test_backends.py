@@ -90,7 +90,8 @@ def test_attention_stats_and_rows_that_contribute_nothing(device):
 
 
 def run_every_loss(device):
-    """Forward and backward of each loss (and each attention kind) on small tensors of ``device``."""
+    """Forward and backward of each loss (each attention kind, and from queries and keys) on small
+    tensors of ``device``."""
     s = torch.randn(2, 3, 50, device=device, requires_grad=True)
     t = torch.randn(2, 3, 50, device=device)
     fastkd.logit_kl(s, t, temperature=2.0).backward()
@@ -98,6 +99,9 @@ def run_every_loss(device):
     for kind in ("probs", "scores"):
         maps = torch.softmax(torch.randn(2, 2, 4, 4, device=device), -1).requires_grad_()
         fastkd.attention_kl(maps, torch.softmax(torch.randn(2, 2, 4, 4, device=device), -1), kind=kind).backward()
+    query = torch.randn(2, 2, 5, 16, device=device, requires_grad=True)
+    fastkd.attention_kl_qk(query, query[:, :1], torch.randn(2, 2, 5, 8, device=device),
+                           torch.randn(2, 2, 5, 8, device=device), causal=True).backward()
     return s.grad
 
 

@@ -34,7 +34,7 @@ def test_every_kernel_compiles_for_each_architecture():
     assert result.returncode == 0, result.stderr[-6000:]
     compiled = [json.loads(line) for line in result.stdout.splitlines()]
     kernels = {name for name in vars(triton_backend) if name.endswith("_kernel")}
-    assert len(kernels) == 5
+    assert len(kernels) == 8
     for arch in ARCHS:
         of_arch = [entry for entry in compiled if entry["arch"] == arch]
         assert {entry["kernel"] for entry in of_arch} == kernels
@@ -44,11 +44,11 @@ def test_every_kernel_compiles_for_each_architecture():
         assert {entry["constants"]["HAS_MASK"] for entry in of_arch} == {"True", "False"}
         assert {entry["constants"].get("BACKWARD") for entry in of_arch} >= {"True", "False"}
         assert {entry["constants"].get("SCORES") for entry in of_arch} >= {"True", "False"}
-        # floating scalars (the temperature) reach the kernels as float64 whatever the accumulator,
-        # so float64 inputs are never scaled by float32 factors
+        # floating scalars (the temperature, the score scales) reach the kernels as float64 whatever
+        # the accumulator, so float64 inputs are never scaled by float32 factors
         scalars = {(entry["kernel"], name, ty) for entry in of_arch for name, ty in entry["signature"].items()
                    if not ty.startswith("*") and ty.startswith(("fp", "bf"))}
-        assert {name for _, name, _ in scalars} == {"temperature"}
+        assert {name for _, name, _ in scalars} == {"temperature", "scale_s", "scale_t"}
         assert {ty for _, _, ty in scalars} == {"fp64"}
 
 

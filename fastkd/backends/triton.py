@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 
 import torch
 import triton
@@ -535,3 +536,300 @@ def attention_backward(students, teachers, mask, kind, stats, grad_rows):
     grads = [torch.empty(s.shape, dtype=s.dtype, device=s.device) for s in students]
     _attention_launch(_attention_backward_kernel, students, teachers, mask, kind, (stats, grad_rows), grads)
     return grads
+
+
+# ---------------------------------------------------------------------- attention from queries, keys
+
+# Flash-attention style: the [L, L] scores of both models exist only as [BLOCK_M, BLOCK_N] tiles in
+# registers, recomputed in backward. Tensors ([B, H, L, d] queries, [B, H_kv, L, d] keys) are
+# contiguous; row r of a pair is (b, h, i) flattened row-major, its key head h // (H / H_kv). A
+# program owns one (b, h) (or (b, h_kv) for key gradients) and one tile; the grids are one-dimensional
+# (tile fastest) so that consecutive programs share their keys in L2 and B * H is not bounded by a
+# grid dimension's 65535. Suffixes ``_m``/``_n`` name the query and key side of a tile.
+QK_BLOCK = 64  # query and key tile side (halved for head widths > 128 and for float64)
+
+
+def _qk_tile(length: int, width_s: int, width_t: int, acc: torch.dtype) -> dict:
+    """Launch options of one pair: square tiles of at most QK_BLOCK, widths padded to powers of two.
+
+    tl.dot needs every dimension >= 16: short sequences get 16-row tiles, narrow heads 16 columns.
+    """
+    block_ds, block_dt = max(16, triton.next_power_of_2(width_s)), max(16, triton.next_power_of_2(width_t))
+    block = QK_BLOCK if max(block_ds, block_dt) <= 128 and acc != torch.float64 else QK_BLOCK // 2
+    block = max(16, min(block, triton.next_power_of_2(length)))
+    return {"BLOCK_M": block, "BLOCK_N": block, "BLOCK_DS": block_ds, "BLOCK_DT": block_dt,
+            "num_warps": 4 if block_ds + block_dt <= 128 else 8}
+
+
+@triton.jit
+def _qk_load(p_x, o_rows, m_rows, width, BLOCK_D: tl.constexpr, DOT: tl.constexpr):
+    """Rows ``o_rows`` of a contiguous ``[L, width]`` matrix as a ``[rows, BLOCK_D]`` block in DOT, 0 beyond."""
+    o_d = tl.arange(0, BLOCK_D)
+    m_load = m_rows[:, None] & (o_d < width)[None, :]
+    return tl.load(p_x + o_rows[:, None] * width + o_d[None, :], mask=m_load, other=0.0).to(DOT)
+
+
+@triton.jit
+def _qk_scores(b_query, b_key, scale, ACC: tl.constexpr):
+    """``b_query [M, d] @ b_key [N, d]^T * scale`` in ACC, summed in float32 (float64 blocks: float64);
+    half blocks multiply exactly on tensor cores, float32 ones in full float32 ("ieee", not tf32)."""
+    return tl.dot(b_query, tl.trans(b_key), input_precision="ieee").to(ACC) * scale
+
+
+@triton.jit
+def _qk_keys(o_n, L, p_mask, o_mask, HAS_MASK: tl.constexpr):
+    """The keys ``o_n`` that exist and are not padding (mask[b, j] != 0)."""
+    m_keys = o_n < L
+    if HAS_MASK:
+        m_keys = m_keys & (tl.load(p_mask + o_mask + o_n, mask=m_keys, other=0.0) != 0)
+    return m_keys
+
+
+@triton.jit
+def _qk_kept(o_m, o_n, m_valid, m_keys, CAUSAL: tl.constexpr):
+    """``[M, N]``: query row o_m valid and key o_n kept for it (present, unmasked, j <= i if causal)."""
+    m_keep = m_valid[:, None] & m_keys[None, :]
+    if CAUSAL:
+        m_keep = m_keep & (o_n[None, :] <= o_m[:, None])
+    return m_keep
+
+
+@triton.jit
+def _qk_heads(bh, H, L, D_s, D_t, H_kv_s, H_kv_t, p_query_s, p_key_s, p_query_t, p_key_t):
+    """Pointers to the ``[L, d]`` matrices of query head (b, h) = divmod(bh, H) and of its key heads
+    ``h // (H / H_kv)`` on each side, and b's offset in the mask."""
+    b = bh // H
+    h = bh % H
+    p_key_s += (b * H_kv_s + h // (H // H_kv_s)) * L * D_s
+    p_key_t += (b * H_kv_t + h // (H // H_kv_t)) * L * D_t
+    return p_query_s + bh * L * D_s, p_key_s, p_query_t + bh * L * D_t, p_key_t, b * L
+
+
+@triton.jit
+def _qk_row_stats(p_stats, p_grad_rows, o_r, m_rows, total_rows, scale_s, ACC: tl.constexpr):
+    """Backward's view of rows ``o_r``: (m_valid: in range and contributing (lse_t > -inf), the lses
+    as (hi, lo), grad_rows * scale_s (0 where not valid))."""
+    lse_s_hi, lse_s_lo = _load_lse(p_stats + o_r, m_rows, ACC)
+    lse_t_hi, lse_t_lo = _load_lse(p_stats + total_rows + o_r, m_rows, ACC)
+    m_valid = m_rows & (lse_t_hi > float("-inf"))
+    b_scale = tl.load(p_grad_rows + o_r, mask=m_valid, other=0.0).to(ACC) * scale_s
+    return m_valid, lse_s_hi, lse_s_lo, lse_t_hi, lse_t_lo, b_scale
+
+
+@triton.jit
+def _qk_d_scores(b_s, b_t, lse_s_hi, lse_s_lo, lse_t_hi, lse_t_lo, b_scale, m_keep):
+    """``dS = grad_rows * scale_s * (q - p)`` on kept keys, 0 elsewhere, q = exp(S_s - lse_s),
+    p = exp(S_t - lse_t) from the float64 lses' (hi, lo)."""
+    b_q = tl.exp((b_s - lse_s_hi[:, None]) - lse_s_lo[:, None])
+    b_p = tl.exp((b_t - lse_t_hi[:, None]) - lse_t_lo[:, None])
+    return tl.where(m_keep, b_scale[:, None] * (b_q - b_p), 0.0)
+
+
+@triton.jit
+def _attention_qk_forward_kernel(
+    p_query_s, p_key_s, p_query_t, p_key_t, p_mask, p_rows, p_stats, first_row, total_rows, n_tiles, H, L,
+    D_s, D_t, H_kv_s, H_kv_t, scale_s: tl.float64, scale_t: tl.float64, CAUSAL: tl.constexpr,
+    HAS_MASK: tl.constexpr, S_DOT: tl.constexpr, T_DOT: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DS: tl.constexpr, BLOCK_DT: tl.constexpr,
+):
+    """Per query row over its kept keys K: S_s = scale_s query_s key_s^T, S_t = scale_t query_t key_t^T,
+    rows = sum_K p (log p - log q) = cross / sum_t - lse_t + lse_s (q = softmax(S_s), p = softmax(S_t),
+    one online pass over key tiles); stats = (lse_s, lse_t), -inf for rows without a kept key."""
+    pid = tl.program_id(0).to(tl.int64)
+    tile = pid % n_tiles
+    bh = pid // n_tiles
+    p_query_s, p_key_s, p_query_t, p_key_t, o_mask = _qk_heads(
+        bh, H, L, D_s, D_t, H_kv_s, H_kv_t, p_query_s, p_key_s, p_query_t, p_key_t
+    )
+    o_m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_rows = o_m < L
+    m_valid = m_rows
+    if HAS_MASK:
+        m_valid = m_valid & (tl.load(p_mask + o_mask + o_m, mask=m_rows, other=0.0) != 0)
+    b_query_s = _qk_load(p_query_s, o_m, m_valid, D_s, BLOCK_DS, S_DOT)  # [BLOCK_M, BLOCK_DS]
+    b_query_t = _qk_load(p_query_t, o_m, m_valid, D_t, BLOCK_DT, T_DOT)  # [BLOCK_M, BLOCK_DT]
+    scale_s = _scalar(scale_s, ACC)
+    scale_t = _scalar(scale_t, ACC)
+    max_s = tl.full([BLOCK_M], float("-inf"), ACC)
+    max_t = tl.full([BLOCK_M], float("-inf"), ACC)
+    sum_s = tl.zeros([BLOCK_M], ACC)
+    sum_t = tl.zeros([BLOCK_M], ACC)
+    cross = tl.zeros([BLOCK_M], ACC)  # sum_K exp(S_t - max_t) (S_t - S_s)
+    end = L
+    if CAUSAL:
+        end = tl.minimum(L, (tile + 1) * BLOCK_M)  # no key beyond the tile's last row
+    for start in range(0, _column_bound(m_valid, end), BLOCK_N):
+        o_n = start + tl.arange(0, BLOCK_N)
+        m_keep = _qk_kept(o_m, o_n, m_valid, _qk_keys(o_n, L, p_mask, o_mask, HAS_MASK), CAUSAL)
+        b_s = _qk_scores(b_query_s, _qk_load(p_key_s, o_n, o_n < L, D_s, BLOCK_DS, S_DOT), scale_s, ACC)
+        b_t = _qk_scores(b_query_t, _qk_load(p_key_t, o_n, o_n < L, D_t, BLOCK_DT, T_DOT), scale_t, ACC)
+        max_s, sum_s, _, _ = _online_lse(max_s, sum_s, tl.where(m_keep, b_s, float("-inf")))
+        max_t, sum_t, b_e, alpha = _online_lse(max_t, sum_t, tl.where(m_keep, b_t, float("-inf")))
+        cross = cross * alpha + tl.sum(tl.where(m_keep, b_e * (b_t - b_s), 0.0), 1)
+    kl, lse_s, lse_t = _kl_from_online(max_s, sum_s, max_t, sum_t, cross)
+    o_r = first_row + bh * L + o_m
+    tl.store(p_rows + o_r, kl, mask=m_rows)
+    tl.store(p_stats + o_r, lse_s, mask=m_rows)
+    tl.store(p_stats + total_rows + o_r, lse_t, mask=m_rows)
+
+
+@triton.jit
+def _attention_qk_query_grad_kernel(
+    p_query_s, p_key_s, p_query_t, p_key_t, p_mask, p_stats, p_grad_rows, p_grad_query, first_row,
+    total_rows, n_tiles, H, L, D_s, D_t, H_kv_s, H_kv_t, scale_s: tl.float64, scale_t: tl.float64,
+    CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, S_DOT: tl.constexpr, T_DOT: tl.constexpr,
+    GRAD_PRECISION: tl.constexpr, ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_DS: tl.constexpr, BLOCK_DT: tl.constexpr,
+):
+    """grad_query_s = dS @ key_s per tile of query rows, dS = grad_rows * scale_s * (q - p) on kept keys
+    (scores recomputed tile by tile over the keys); 0 on rows that contribute nothing."""
+    pid = tl.program_id(0).to(tl.int64)
+    tile = pid % n_tiles
+    bh = pid // n_tiles
+    p_query_s, p_key_s, p_query_t, p_key_t, o_mask = _qk_heads(
+        bh, H, L, D_s, D_t, H_kv_s, H_kv_t, p_query_s, p_key_s, p_query_t, p_key_t
+    )
+    o_m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_rows = o_m < L
+    scale_s = _scalar(scale_s, ACC)
+    scale_t = _scalar(scale_t, ACC)
+    m_valid, lse_s_hi, lse_s_lo, lse_t_hi, lse_t_lo, b_scale = _qk_row_stats(
+        p_stats, p_grad_rows, first_row + bh * L + o_m, m_rows, total_rows, scale_s, ACC
+    )
+    b_query_s = _qk_load(p_query_s, o_m, m_valid, D_s, BLOCK_DS, S_DOT)  # [BLOCK_M, BLOCK_DS]
+    b_query_t = _qk_load(p_query_t, o_m, m_valid, D_t, BLOCK_DT, T_DOT)  # [BLOCK_M, BLOCK_DT]
+    acc = tl.zeros([BLOCK_M, BLOCK_DS], ACC)
+    end = L
+    if CAUSAL:
+        end = tl.minimum(L, (tile + 1) * BLOCK_M)
+    for start in range(0, _column_bound(m_valid, end), BLOCK_N):
+        o_n = start + tl.arange(0, BLOCK_N)
+        m_keep = _qk_kept(o_m, o_n, m_valid, _qk_keys(o_n, L, p_mask, o_mask, HAS_MASK), CAUSAL)
+        b_key_s = _qk_load(p_key_s, o_n, o_n < L, D_s, BLOCK_DS, S_DOT)  # [BLOCK_N, BLOCK_DS]
+        b_s = _qk_scores(b_query_s, b_key_s, scale_s, ACC)
+        b_t = _qk_scores(b_query_t, _qk_load(p_key_t, o_n, o_n < L, D_t, BLOCK_DT, T_DOT), scale_t, ACC)
+        b_ds = _qk_d_scores(b_s, b_t, lse_s_hi, lse_s_lo, lse_t_hi, lse_t_lo, b_scale, m_keep)
+        acc = tl.dot(b_ds, b_key_s.to(ACC), acc, input_precision=GRAD_PRECISION)
+    o_d = tl.arange(0, BLOCK_DS)
+    tl.store(p_grad_query + bh * L * D_s + o_m[:, None] * D_s + o_d[None, :], acc.to(p_grad_query.dtype.element_ty),
+             mask=m_rows[:, None] & (o_d < D_s)[None, :])
+
+
+@triton.jit
+def _attention_qk_key_grad_kernel(
+    p_query_s, p_key_s, p_query_t, p_key_t, p_mask, p_stats, p_grad_rows, p_grad_key, first_row, total_rows,
+    n_tiles, H, L, D_s, D_t, H_kv_s, H_kv_t, scale_s: tl.float64, scale_t: tl.float64, CAUSAL: tl.constexpr,
+    HAS_MASK: tl.constexpr, S_DOT: tl.constexpr, T_DOT: tl.constexpr, GRAD_PRECISION: tl.constexpr,
+    ACC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DS: tl.constexpr,
+    BLOCK_DT: tl.constexpr,
+):
+    """grad_key_s[b, h_kv] = sum over the H / H_kv query heads h of h_kv and their query tiles of
+    dS^T @ query_s, per tile of keys (one program owns the tile: no atomics); 0 on dropped keys."""
+    pid = tl.program_id(0).to(tl.int64)
+    tile = pid % n_tiles
+    bh_kv = pid // n_tiles  # b * H_kv_s + h_kv
+    b = bh_kv // H_kv_s
+    group = H // H_kv_s
+    o_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_keys = _qk_keys(o_n, L, p_mask, b * L, HAS_MASK)
+    b_key_s = _qk_load(p_key_s + bh_kv * L * D_s, o_n, m_keys, D_s, BLOCK_DS, S_DOT)  # [BLOCK_N, BLOCK_DS]
+    scale_s = _scalar(scale_s, ACC)
+    scale_t = _scalar(scale_t, ACC)
+    acc = tl.zeros([BLOCK_N, BLOCK_DS], ACC)
+    first = 0
+    if CAUSAL:
+        first = (tile * BLOCK_N // BLOCK_M) * BLOCK_M  # no query row before the tile's first key
+    end = _column_bound(m_keys, L)
+    for g in range(0, group):
+        bh = b * H + (bh_kv % H_kv_s) * group + g
+        p_head_query_s, _, p_head_query_t, p_head_key_t, _ = _qk_heads(
+            bh, H, L, D_s, D_t, H_kv_s, H_kv_t, p_query_s, p_key_s, p_query_t, p_key_t
+        )
+        b_key_t = _qk_load(p_head_key_t, o_n, m_keys, D_t, BLOCK_DT, T_DOT)  # [BLOCK_N, BLOCK_DT]
+        for start in range(first, end, BLOCK_M):
+            o_m = start + tl.arange(0, BLOCK_M)
+            m_valid, lse_s_hi, lse_s_lo, lse_t_hi, lse_t_lo, b_scale = _qk_row_stats(
+                p_stats, p_grad_rows, first_row + bh * L + o_m, o_m < L, total_rows, scale_s, ACC
+            )
+            b_query_s = _qk_load(p_head_query_s, o_m, m_valid, D_s, BLOCK_DS, S_DOT)  # [BLOCK_M, BLOCK_DS]
+            b_s = _qk_scores(b_query_s, b_key_s, scale_s, ACC)
+            b_t = _qk_scores(_qk_load(p_head_query_t, o_m, m_valid, D_t, BLOCK_DT, T_DOT), b_key_t, scale_t, ACC)
+            m_keep = _qk_kept(o_m, o_n, m_valid, m_keys, CAUSAL)
+            b_ds = _qk_d_scores(b_s, b_t, lse_s_hi, lse_s_lo, lse_t_hi, lse_t_lo, b_scale, m_keep)
+            acc = tl.dot(tl.trans(b_ds), b_query_s.to(ACC), acc, input_precision=GRAD_PRECISION)
+    o_d = tl.arange(0, BLOCK_DS)
+    tl.store(p_grad_key + bh_kv * L * D_s + o_n[:, None] * D_s + o_d[None, :], acc.to(p_grad_key.dtype.element_ty),
+             mask=(o_n < L)[:, None] & (o_d < D_s)[None, :])
+
+
+def _qk_dot_dtype(dtype: torch.dtype, acc: torch.dtype):
+    """The dtype one side's queries and keys enter tl.dot in: their own (half products are exact in the
+    float32 sums), float64 when the accumulator is. Triton's interpreter multiplies bfloat16 blocks
+    as their uint16 bits, so under it bfloat16 enters as float32: the same exact products."""
+    if acc == torch.float64:
+        return tl.float64
+    if dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET", "0") == "1":
+        return tl.float32
+    return _tl(dtype)
+
+
+def _qk_launches(student_q, student_k, teacher_q, teacher_k, scales, mask, causal):
+    """Per pair with rows: (its index, its tensors, the runtime arguments its kernels share after
+    (first_row, total_rows, n_tiles), its number of (b, h) and of (b, h_kv), the tile count along L,
+    the constexprs and launch options). Tiles are square: one n_tiles for query and key tiles."""
+    acc = acc_dtype(*student_q, *student_k, *teacher_q, *teacher_k)
+    total_rows = sum(q.shape[0] * q.shape[1] * q.shape[2] for q in student_q)
+    first_row = 0
+    for i, tensors in enumerate(zip(student_q, student_k, teacher_q, teacher_k)):
+        query_s, key_s, query_t, key_t = tensors
+        batch, heads, length, width_s = query_s.shape
+        if query_s.numel():
+            tile = _qk_tile(length, width_s, query_t.shape[3], acc)
+            n_tiles = triton.cdiv(length, tile["BLOCK_M"])
+            shape = (heads, length, width_s, query_t.shape[3], key_s.shape[1], key_t.shape[1], scales[2 * i],
+                     scales[2 * i + 1])
+            # backward's dS @ key_s, dS^T @ query_s: dS in ACC; tf32 holds a half operand exactly
+            half = query_s.dtype in (torch.float16, torch.bfloat16) and acc == torch.float32
+            options = dict(
+                CAUSAL=causal, HAS_MASK=mask is not None, S_DOT=_qk_dot_dtype(query_s.dtype, acc),
+                T_DOT=_qk_dot_dtype(query_t.dtype, acc), GRAD_PRECISION="tf32" if half else "ieee", ACC=_tl(acc),
+                **tile,
+            )
+            yield i, tensors, (first_row, total_rows, n_tiles, *shape), batch * heads, batch * key_s.shape[1], options
+        first_row += batch * heads * length
+
+
+@_on_inputs_device
+def attention_qk_forward(student_q, student_k, teacher_q, teacher_k, scales, mask, causal):
+    """rows = kl per query row of every pair (pair by pair, [B, H, L] row-major), stats = (lse_s, lse_t)
+    over the kept keys; scores S = query key^T * scale formed tile by tile, never as [L, L] maps."""
+    count = sum(q.shape[0] * q.shape[1] * q.shape[2] for q in student_q)
+    device = student_q[0].device
+    rows = torch.empty(count, dtype=acc_dtype(*student_q, *student_k, *teacher_q, *teacher_k), device=device)
+    stats = torch.empty(2, count, dtype=torch.float64, device=device)
+    launches = _qk_launches(student_q, student_k, teacher_q, teacher_k, scales, mask, causal)
+    for _, tensors, args, query_heads, _, options in launches:
+        options.pop("GRAD_PRECISION")
+        _attention_qk_forward_kernel[(args[2] * query_heads,)](*tensors, mask, rows, stats, *args, **options)
+    return rows, stats
+
+
+@_on_inputs_device
+def attention_qk_backward(student_q, student_k, teacher_q, teacher_k, scales, mask, causal, stats, grad_rows):
+    """(grads of the student's queries, of its keys): dS = grad_rows (q - p) scale_s on kept keys,
+    grad_q = dS key_s (one program per query tile), grad_k = sum over the key head's query heads of
+    dS^T query_s (one program per key tile); 0 on rows that contribute nothing and dropped keys."""
+    grads_q = [torch.empty(x.shape, dtype=x.dtype, device=x.device) for x in student_q]
+    grads_k = [torch.empty(x.shape, dtype=x.dtype, device=x.device) for x in student_k]
+    for query_s, grad_k in zip(student_q, grads_k):
+        if not query_s.numel():
+            grad_k.zero_()  # no query row (H = 0 with keys): no gradient; nothing is launched
+    launches = _qk_launches(student_q, student_k, teacher_q, teacher_k, scales, mask, causal)
+    for i, tensors, args, query_heads, key_heads, options in launches:
+        _attention_qk_query_grad_kernel[(args[2] * query_heads,)](
+            *tensors, mask, stats, grad_rows, grads_q[i], *args, **options
+        )
+        _attention_qk_key_grad_kernel[(args[2] * key_heads,)](
+            *tensors, mask, stats, grad_rows, grads_k[i], *args, **options
+        )
+    return grads_q, grads_k
