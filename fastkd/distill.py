@@ -20,6 +20,12 @@ the run resumes from it and is fed the batches from the saved step on, so that a
 started again with the same arguments, ends with the weights of an uninterrupted one.
 ``--log FILE`` appends every step's metrics to ``FILE`` as JSON lines (``preset``, ``way``,
 ``stage``, ``step``, ``loss``, ``loss_<name>``, ``time_ms``, ``peak_mem_mb``).
+
+``--attention {qk,maps,relations}`` is the runner's ``attention`` (how ``att`` compares the paired
+blocks, see :class:`~fastkd.runner.StageRunner`; default: the runner's), ``--relation-heads N`` its
+``relation_heads`` (and, without ``--attention``, means ``relations``). The plain way always
+compares attention maps; it computes the same ``att`` as ``qk`` and ``maps``, not the relations, so
+with ``relations`` it is skipped.
 """
 
 from __future__ import annotations
@@ -134,10 +140,13 @@ def run_configuration(way, make_models, preset, steps, args, tokens, device, log
     optimizer = torch.optim.AdamW(student.parameters(), lr=args.lr)
     runner_class = PlainRunner if way == "plain" else StageRunner
     checkpoints = os.path.join(args.checkpoint_dir, preset) if args.checkpoint_dir and way == "fastkd" else None
+    attention = {}
+    if way == "fastkd":  # the plain way compares attention maps whatever --attention says
+        attention = {"attention": args.attention, "relation_heads": args.relation_heads}
     runner = runner_class(
         student, teacher, Schedule.preset(preset, steps), optimizer,
         layer_map=args.layer_map, temperature=args.temperature, quiet=args.quiet, measure=True,
-        checkpoint_dir=checkpoints, checkpoint_every=args.checkpoint_every if checkpoints else None,
+        checkpoint_dir=checkpoints, checkpoint_every=args.checkpoint_every if checkpoints else None, **attention,
     )
     if checkpoints and os.path.exists(os.path.join(checkpoints, "latest.pt")):
         runner.load(os.path.join(checkpoints, "latest.pt"))
@@ -172,6 +181,14 @@ def parse_args(argv):
     parser.add_argument("--temperature", type=float, default=2.0)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--layer-map", default="uniform", choices=["uniform", "last"])
+    parser.add_argument(
+        "--attention", choices=["qk", "maps", "relations"],
+        help="how 'att' compares attention: from queries and keys (qk), maps, or MiniLMv2 relations "
+        "(default: qk, maps for models that only give maps)",
+    )
+    parser.add_argument(
+        "--relation-heads", type=int, metavar="N", help="relation heads for --attention relations (implies it)"
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--no-plain", action="store_true", help="skip the plain way")
     parser.add_argument("--save", help="directory for the distilled student(s)")
@@ -186,6 +203,14 @@ def parse_args(argv):
         parser.error("--checkpoint-every needs --checkpoint-dir")
     if args.checkpoint_every is not None and args.checkpoint_every <= 0:
         parser.error(f"--checkpoint-every: expected a positive count, got {args.checkpoint_every}")
+    if args.relation_heads is not None:
+        if args.attention not in (None, "relations"):
+            parser.error(f"--relation-heads goes with --attention relations, not --attention {args.attention}")
+        if args.relation_heads <= 0:
+            parser.error(f"--relation-heads: expected a positive count, got {args.relation_heads}")
+        args.attention = "relations"
+    elif args.attention == "relations":
+        parser.error("--attention relations needs --relation-heads N")
     return args
 
 
@@ -206,13 +231,16 @@ def main(argv: list[str] | None = None) -> int:
         vocab = load_config(args.teacher).vocab_size
     tokens = _tokens(args, vocab)
     print(f"fastkd distill on {device}: batch {args.batch_size} x {args.seq_len}, T={args.temperature}")
+    if args.attention == "relations" and not args.no_plain:
+        print("the plain way is skipped: it compares attention maps, not relations")
     header = f"{'configuration':<13} {'way':<7} {'steps':>5} {'ms/step':>9} {'peak MB':>9} {'speed-up':>8} {'mem':>6}  losses (last step of each)"
     print(header)
     with open(args.log, "a") if args.log else contextlib.nullcontext() as log:
         for preset in presets:
             steps = _steps(args.steps, preset, args.teacher is None)
             results = {}
-            for way in ("plain", "fastkd") if not args.no_plain else ("fastkd",):
+            plain = not args.no_plain and args.attention != "relations"  # the plain way has no relations
+            for way in ("plain", "fastkd") if plain else ("fastkd",):
                 results[way] = result = run_configuration(way, make_models, preset, steps, args, tokens, device, log)
                 speed = mem = ""
                 if way == "fastkd" and "plain" in results:

@@ -283,7 +283,9 @@ def test_stage_aware_requests(family):
     """No LM head runs without 'logit'; a logit-only stage builds no attention maps and no hidden-state lists."""
     torch.manual_seed(0)
     teacher, student = teacher_and_student(family)
-    runner = make_runner(student, teacher, Schedule.preset("two-stage", steps=[1, 1]))
+    # attention="maps": the mapped blocks return their maps (under the default "qk" none does,
+    # tests/test_runner_attention.py).
+    runner = make_runner(student, teacher, Schedule.preset("two-stage", steps=[1, 1]), attention="maps")
     heads = [m.get_output_embeddings() for m in (student, teacher)]
     if family == "bert":
         heads += [m.cls.predictions.transform for m in (student, teacher)]

@@ -2,7 +2,9 @@
 
 ``Stage`` and ``Schedule`` (:mod:`.schedule`) say which losses run for how many steps;
 ``StageRunner`` (:mod:`.runner`) runs them, asking each model only for the features a stage uses
-(:mod:`.models`: transformers glue and the ``ModelAdapter`` interface for plain modules), pairing
+(:mod:`.models`: transformers glue, which gives the attention loss the paired blocks' queries and
+keys (``attention="qk"``, the default), their projections (``"relations"``) or their maps
+(``"maps"``), and the ``ModelAdapter`` interface for plain modules), pairing
 layers (:mod:`.layer_map`), capturing each stage's step in a CUDA graph (:mod:`.graphs`), keeping
 each step's losses on the device until they are read and stopping at a non-finite one
 (:mod:`.metrics`) and writing resumable checkpoints (:mod:`.checkpoint`). :mod:`.plain` is the

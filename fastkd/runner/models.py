@@ -5,10 +5,11 @@ by :class:`TransformersAdapter` automatically; a plain ``nn.Module`` is distille
 :class:`ModelAdapter`, which asks for four attributes and two methods:
 
 - ``module`` (the ``nn.Module``: its parameters, ``train()``/``eval()``), ``num_layers`` (blocks),
-  ``hidden_size`` (width of the hidden states), ``num_heads`` (heads of the attention maps);
+  ``hidden_size`` (width of the hidden states), ``num_heads`` (query heads of the attention);
 - optionally ``causal`` (default True): whether the logits at position ``i`` predict token
   ``i + 1`` (a causal LM) rather than token ``i`` (a masked LM such as BERT); it decides which
-  rows the logit loss counts when the batch has ``labels`` (:func:`fastkd.logit_mask`);
+  rows the logit loss counts when the batch has ``labels`` (:func:`fastkd.logit_mask`), and is the
+  attention's causality where :class:`AttentionInputs` leaves ``causal`` at None;
 - ``features(batch, *, hidden, attentions, head_input) -> Features``: run the model on ``batch``
   (a dict with ``input_ids`` and ``attention_mask``, ``[B, L]``) and return only what was asked:
   the hidden states with the indices in ``hidden`` (0 = embeddings, ``i`` = output of block ``i``;
@@ -18,12 +19,34 @@ by :class:`TransformersAdapter` automatically; a plain ``nn.Module`` is distille
 - ``lm_head() -> (weight [V, D], bias [V] or None)``: that final linear layer; raise ``ValueError``
   when the model has none (the default);
 - optionally ``set_attention_maps(enabled)``: called when a stage starts, with whether the stage
-  needs attention maps (the default does nothing).
+  has ``att`` (the default does nothing).
 
-transformers models: attention maps come from fastkd's attention function, registered with
-transformers' ``AttentionInterface`` under the name ``"fastkd"``. It computes eager attention for
-the blocks whose maps were asked for and returns their probabilities before dropout (dropout still
-applies to the attention output as usual), and calls SDPA for every other block. Stages without
+That is enough for the runner's ``attention="maps"``. For ``attention="qk"`` and
+``attention="relations"`` (the attention loss from the queries and keys, or the MiniLMv2 relations
+of the queries, keys and values, with no ``[L, L]`` map ever made), an adapter also:
+
+- overrides ``attention_inputs_unsupported(blocks) -> str | None`` to return None (the default
+  returns a reason: maps only) or, where some of those 0-based blocks cannot be seen through their
+  queries and keys alone, the reason;
+- accepts ``features(..., attention_inputs="qk" | "qkv")``, passed only in those modes, and then
+  returns, instead of maps, ``Features.attention_inputs``: one :class:`AttentionInputs` per block
+  of ``attentions``, with the queries ``[B, H, L, d]``, keys ``[B, H_kv, L, d]`` (``H % H_kv ==
+  0``; grouped-query keys as they are) and, for ``"qkv"``, values ``[B, H_kv, L, d_v]`` that the
+  block's attention computes ``softmax(q k^T * scaling + mask) v`` from (after rotary embeddings),
+  its ``scaling`` (None: ``d ** -0.5``) and whether it is ``causal`` (None: the adapter's
+  ``causal``); its scores must be exactly that, the padding mask and (if causal) ``j <= i`` aside.
+
+transformers models: fastkd's attention function, registered with transformers'
+``AttentionInterface`` under the name ``"fastkd"``, runs in the stages with ``att``. With
+``attention="maps"`` it computes eager attention for the blocks whose maps were asked for and
+returns their probabilities before dropout (dropout still applies to the attention output as
+usual), and calls SDPA for every other block. With ``"qk"``/``"relations"`` it keeps, for the blocks
+asked for, the ``query``, ``key`` (and ``value``) tensors and the ``scaling`` it is called with and
+the module's causality (``is_causal``), and computes every block's output with SDPA
+(``sdpa_attention_forward``): no map is made. A model whose attention scores are more than ``q k^T *
+scaling`` is refused for those two modes (:func:`attention_inputs_problem`: attention logit
+soft-capping, a sliding or chunked window, ALiBi; checked again per call: ``softcap``, a
+``sliding_window`` shorter than the sequence, attention sinks, a ``position_bias``). Stages without
 ``att`` run the model's own attention implementation (SDPA by default). The LM head is
 ``get_output_embeddings()``: a plain ``lm_head`` linear layer (Llama, Qwen2, GPT-2, ...), or BERT's
 ``cls.predictions``, whose transform (dense, activation, LayerNorm) is applied to the final hidden
@@ -51,12 +74,23 @@ ATTENTION_NAME = "fastkd"
 LOGIT_TRANSFORMS = {"final_logit_softcapping": None, "logit_scale": 1, "logits_scaling": 1}
 
 
+class AttentionInputs(NamedTuple):
+    """What one block's attention computes its scores ``q k^T * scaling`` from (module docstring)."""
+
+    query: torch.Tensor  # [B, H, L, d], as attention sees it (after rotary embeddings)
+    key: torch.Tensor  # [B, H_kv, L, d], H % H_kv == 0
+    value: torch.Tensor | None = None  # [B, H_kv, L, d_v], when asked for with attention_inputs="qkv"
+    scaling: float | None = None  # None: d ** -0.5
+    causal: bool | None = None  # whether key j > i is dropped; None: the adapter's ``causal``
+
+
 class Features(NamedTuple):
     """What a model returned for one stage; empty lists and ``None`` for what was not asked."""
 
     hidden: list[torch.Tensor]
     attentions: list[torch.Tensor]
     head_input: torch.Tensor | None
+    attention_inputs: Sequence[AttentionInputs] = ()
 
 
 class ModelAdapter(abc.ABC):
@@ -77,14 +111,26 @@ class ModelAdapter(abc.ABC):
         attentions: Sequence[int],
         head_input: bool,
     ) -> Features:
-        """The hidden states, attention probabilities and LM-head input asked for (module docstring)."""
+        """The hidden states, attention probabilities and LM-head input asked for (module docstring).
+
+        An adapter that gives attention inputs also takes ``attention_inputs="qk" | "qkv"`` (passed
+        only with the runner's ``attention="qk"``/``"relations"``) and then returns
+        ``Features.attention_inputs`` for the blocks in ``attentions`` instead of their maps.
+        """
 
     def lm_head(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``(weight [V, D], bias [V] or None)`` of the LM head's final linear layer."""
         raise ValueError(f"{type(self.module).__name__} has no LM head, so a stage with 'logit' cannot use it")
 
     def set_attention_maps(self, enabled: bool) -> None:
-        """Called when a stage starts: whether ``features`` will be asked for attention maps."""
+        """Called when a stage starts: whether the stage has ``att`` (maps or attention inputs will be asked for)."""
+
+    def attention_inputs_unsupported(self, blocks: Sequence[int]) -> str | None:
+        """Why ``features`` cannot return the :class:`AttentionInputs` of ``blocks`` (None when it can)."""
+        return (
+            f"{type(self).__name__} gives attention maps only (a ModelAdapter that returns queries and keys "
+            "overrides attention_inputs_unsupported and returns Features.attention_inputs)"
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -92,21 +138,24 @@ class ModelAdapter(abc.ABC):
 
 
 class _Recorder:
-    """Counts the attention calls of one forward pass and keeps the maps of the wanted blocks."""
+    """Counts the attention calls of one forward pass and keeps what the wanted blocks give: their
+    maps (``inputs`` None) or their :class:`AttentionInputs` (``inputs`` ``"qk"`` or ``"qkv"``)."""
 
-    def __init__(self, wanted: Sequence[int]) -> None:
+    def __init__(self, wanted: Sequence[int], inputs: str | None = None) -> None:
         self.wanted = frozenset(wanted)
+        self.inputs = inputs
         self.calls = 0
         self.maps: dict[int, torch.Tensor] = {}
+        self.recorded: dict[int, AttentionInputs] = {}
 
 
 _active: _Recorder | None = None
 
 
 @contextlib.contextmanager
-def _recording(wanted: Sequence[int]) -> Iterator[_Recorder]:
+def _recording(wanted: Sequence[int], inputs: str | None = None) -> Iterator[_Recorder]:
     global _active
-    recorder = _Recorder(wanted)
+    recorder = _Recorder(wanted, inputs)
     previous, _active = _active, recorder
     try:
         yield recorder
@@ -144,22 +193,50 @@ def _eager_attention(module, query, key, value, attention_mask, dropout, scaling
     return output.transpose(1, 2).contiguous(), probs
 
 
+def _unseen_in_call(kwargs: Mapping[str, object], keys: int) -> str | None:
+    """What of an attention call's arguments changes its scores beyond ``q k^T * scaling`` and the
+    padding/causal mask (None when nothing does)."""
+    if kwargs.get("softcap") is not None:
+        return f"attention logit soft-capping (softcap={kwargs['softcap']!r})"
+    window = kwargs.get("sliding_window")
+    if window is not None and keys > window:
+        return f"a sliding window of {window} keys over {keys} (sliding_window)"
+    for name in ("s_aux", "sinks"):
+        if kwargs.get(name) is not None:
+            return f"attention sinks ({name})"
+    if kwargs.get("position_bias") is not None:
+        return "a position bias added to the scores (position_bias)"
+    return None
+
+
 def attention_forward(
     module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs
 ):
-    """transformers attention function ``"fastkd"``: eager with pre-dropout maps for recorded blocks, else SDPA."""
+    """transformers attention function ``"fastkd"``: for the recorded blocks, eager with pre-dropout
+    maps, or SDPA with their queries and keys kept (module docstring); SDPA for every other block."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     recorder = _active
     if recorder is not None:
         index = recorder.calls
         recorder.calls += 1
-        if index in recorder.wanted:
+        if index in recorder.wanted and recorder.inputs is None:
             if kwargs.get("softcap") is not None:
                 raise ValueError("fastkd attention maps do not support attention logit soft-capping (softcap)")
             output, probs = _eager_attention(module, query, key, value, attention_mask, dropout, scaling, is_causal)
             recorder.maps[index] = probs
             return output, probs
+        if index in recorder.wanted:
+            unseen = _unseen_in_call(kwargs, key.shape[2])
+            if unseen is not None:
+                raise ValueError(
+                    f"{type(module).__name__} (attention call {index}) applies {unseen}, which the queries and "
+                    "keys do not show; use attention='maps'"
+                )
+            causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+            recorder.recorded[index] = AttentionInputs(
+                query, key, value if recorder.inputs == "qkv" else None, scaling, bool(causal)
+            )
     return sdpa_attention_forward(
         module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
     )
@@ -217,6 +294,30 @@ def _head_parts(model: nn.Module) -> tuple[nn.Module | None, nn.Linear]:
     )
 
 
+def attention_inputs_problem(config, blocks: Sequence[int]) -> str | None:
+    """Why the attention of the 0-based ``blocks`` of a model with ``config`` is more than ``q k^T *
+    scaling`` and the padding/causal mask (so ``attention="qk"``/``"relations"`` cannot see it), or None."""
+    text = config.get_text_config()
+    for part in (config,) if text is config else (config, text):
+        cap = getattr(part, "attn_logit_softcapping", None)
+        if cap is not None:
+            return f"its config sets attn_logit_softcapping={cap!r} (soft-capped attention scores)"
+        if getattr(part, "alibi", False):
+            return "its config sets alibi=True (a position bias added to the attention scores)"
+        window = getattr(part, "sliding_window", None)
+        types = getattr(part, "layer_types", None)
+        if types is not None:
+            windowed = ("sliding_attention", "chunked_attention")
+            local = [(i, types[i]) for i in blocks if i < len(types) and types[i] in windowed]
+            if local:
+                i, kind = local[0]
+                size = window if kind == "sliding_attention" else getattr(part, "attention_chunk_size", None)
+                return f"its config sets layer_types[{i}]={kind!r} (a window of {size} keys)"
+        elif window is not None and getattr(part, "use_sliding_window", True) is not False:
+            return f"its config sets sliding_window={window!r} (sliding-window attention)"
+    return None
+
+
 def logit_transform(config) -> str | None:
     """``"field=value"`` of the first ``LOGIT_TRANSFORMS`` field that ``config`` (or its text config) turns on."""
     for part in (config, config.get_text_config()):
@@ -241,6 +342,9 @@ class TransformersAdapter(ModelAdapter):
         self._own_attention = config._attn_implementation
         register_attention()
 
+    def attention_inputs_unsupported(self, blocks: Sequence[int]) -> str | None:
+        return attention_inputs_problem(self.module.config, blocks)
+
     def set_attention_maps(self, enabled: bool) -> None:
         name = ATTENTION_NAME if enabled else self._own_attention
         if self.module.config._attn_implementation != name:
@@ -256,27 +360,34 @@ class TransformersAdapter(ModelAdapter):
         _, head = _head_parts(self.module)
         return head.weight, head.bias
 
-    def features(self, batch, *, hidden, attentions, head_input) -> Features:
+    def features(self, batch, *, hidden, attentions, head_input, attention_inputs=None) -> Features:
+        if attention_inputs not in (None, "qk", "qkv"):
+            raise ValueError(f"attention_inputs: expected None, 'qk' or 'qkv', got {attention_inputs!r}")
         inputs = {name: value for name, value in batch.items() if name != "labels"}
         base = self.module.base_model
         if attentions and self.module.config._attn_implementation != ATTENTION_NAME:
             raise RuntimeError("attention maps were asked for, but set_attention_maps(True) was not called")
-        with _recording(attentions) if attentions else contextlib.nullcontext() as recorder:
+        with _recording(attentions, attention_inputs) if attentions else contextlib.nullcontext() as recorder:
             out = base(**inputs, output_hidden_states=bool(hidden), use_cache=False, return_dict=True)
-        maps = []
+        maps, recorded = [], []
         if attentions:
-            missing = [i for i in attentions if i not in recorder.maps]
+            kept = recorder.maps if attention_inputs is None else recorder.recorded
+            missing = [i for i in attentions if i not in kept]
             if missing:
+                what = "attention map" if attention_inputs is None else "attention query and key"
                 raise RuntimeError(
-                    f"{type(self.module).__name__}: no attention map was recorded for block(s) {missing} "
+                    f"{type(self.module).__name__}: no {what} was recorded for block(s) {missing} "
                     f"({recorder.calls} attention call(s) in the forward pass)"
                 )
-            maps = [recorder.maps[i] for i in attentions]
+            if attention_inputs is None:
+                maps = [recorder.maps[i] for i in attentions]
+            else:
+                recorded = [recorder.recorded[i] for i in attentions]
         head_in = None
         if head_input:
             transform, _ = _head_parts(self.module)
             head_in = out.last_hidden_state if transform is None else transform(out.last_hidden_state)
-        return Features([out.hidden_states[i] for i in hidden], maps, head_in)
+        return Features([out.hidden_states[i] for i in hidden], maps, head_in, recorded)
 
 
 def as_adapter(model: object, role: str) -> ModelAdapter:

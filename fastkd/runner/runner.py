@@ -7,16 +7,37 @@ batch:
 - ``hidden``: ``fastkd.hidden_mse([P_k(h_s[i_k])], [h_t[j_k]], mask=m)`` over the layer map's
   hidden pairs ``(i_k, j_k)``; ``P_k`` is a learned ``nn.Linear(D_s, D_t)`` per pair when the
   widths differ (``runner.projections``), the identity otherwise;
-- ``att``: ``fastkd.attention_kl(student maps, teacher maps, mask=m, kind="probs")`` over the
-  attention pairs, on probabilities before dropout;
+- ``att``, over the layer map's attention pairs, as ``attention`` says:
+
+  - ``"qk"`` (the default when both models have as many attention heads, see ``attention``):
+    ``fastkd.attention_kl_qk(q_s, k_s, q_t, k_t, mask=m, causal=c, student_scale=a_s,
+    teacher_scale=a_t)``, the KL between the attention distributions ``softmax(q k^T * a)`` of
+    the queries and keys each paired block's attention is called with (after rotary embeddings;
+    grouped-query keys with their fewer heads) and its scaling ``a``; ``c``: whether the blocks'
+    attention is causal. Every block's output is computed by SDPA and no ``[L, L]`` map is ever
+    made. When a model's paired blocks have different scalings, the loss is the mean of each
+    pair's own loss (what the sequence form's ``"mean"`` is);
+  - ``"maps"``: ``fastkd.attention_kl(student maps, teacher maps, mask=m, kind="probs")`` on the
+    probabilities before dropout, computed by eager attention in the paired blocks: the same
+    value as ``"qk"`` up to float rounding, with ``[B, H, L, L]`` maps held for the backward pass;
+  - ``"relations"`` (``relation_heads=R``): the mean over ``relation_projections`` (some of
+    ``"q"``, ``"k"``, ``"v"``) of ``fastkd.relation_kl(x_s, x_t, relation_heads=R, mask=m,
+    causal=c)``, ``x`` that projection as the attention receives it with its heads concatenated
+    (``[B, L, H * d]``; ``H_kv * d`` for grouped-query keys and values): MiniLMv2's relations,
+    so the models may differ in head count and head width.
+
+  ``"qk"`` and ``"relations"`` need models whose attention scores are just ``q k^T * a`` besides
+  the padding and causal masks (:mod:`fastkd.runner.models`): attention soft-capping, sliding or
+  chunked windows, ALiBi, attention sinks are refused with the reason, pointing to ``"maps"``
+  (whose eager attention applies the mask the model builds, so a sliding window is fine there);
 - ``logit``: ``fastkd.fused_linear_kl(head input of the student, its LM-head weight, the teacher's
   two, temperature=T, mask=fastkd.logit_mask(labels, m, causal=...))``: the logits are never
   materialised; for a causal LM row ``i`` counts when token ``i + 1`` has a label, for a masked LM
   when token ``i`` has one (without ``labels``: every row of ``m``).
 
 The models are asked only for what the stage uses: no LM head runs in a stage without ``logit``,
-and a stage with only ``logit`` asks for no hidden states or attention maps. The teacher runs in
-eval mode under ``torch.no_grad``, the student in train mode.
+and a stage with only ``logit`` asks for no hidden states, attention maps or attention inputs. The
+teacher runs in eval mode under ``torch.no_grad``, the student in train mode.
 
 The runner does not wait for the device during a step (a replayed CUDA graph does not; an eager
 step may, inside transformers' forward pass; ``measure=True`` does, to time the step; writing a
@@ -35,7 +56,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -50,17 +71,31 @@ from fastkd.runner.graphs import StageGraph, make_capturable, log
 from fastkd.runner.layer_map import resolve_layer_map
 from fastkd.runner.measure import StepMeter
 from fastkd.runner.metrics import FiniteWatch, Metrics, NonFiniteLossError
-from fastkd.runner.models import Features, ModelAdapter, as_adapter
+from fastkd.runner.models import AttentionInputs, Features, ModelAdapter, TransformersAdapter, as_adapter
 from fastkd.runner.schedule import LOSSES, Schedule, Stage
+
+ATTENTION_MODES = ("qk", "maps", "relations")
+PROJECTIONS = ("q", "k", "v")
+_FIELDS = {"q": "query", "k": "key", "v": "value"}
 
 
 @dataclass(frozen=True)
 class Request:
-    """What one stage asks of a model: hidden-state indices, attention blocks, the LM-head input."""
+    """What one stage asks of a model: hidden-state indices, attention blocks (their maps, or with
+    ``attention_inputs`` ``"qk"``/``"qkv"`` their queries, keys and values), the LM-head input."""
 
     hidden: tuple[int, ...]
     attentions: tuple[int, ...]
     head_input: bool
+    attention_inputs: str | None = None
+
+    def kwargs(self) -> dict[str, object]:
+        """The keyword arguments of ``features``; ``attention_inputs`` only when set (a maps-only
+        adapter's ``features`` need not take it)."""
+        fields = vars(self).copy()
+        if fields["attention_inputs"] is None:
+            del fields["attention_inputs"]
+        return fields
 
 
 class StageRunner:
@@ -74,6 +109,19 @@ class StageRunner:
         layer_map: ``"uniform"``, ``"last"`` or ``(student, teacher)`` hidden-state pairs
             (see :mod:`fastkd.runner.layer_map`).
         temperature: the logit loss's temperature ``T``.
+        attention: how ``att`` compares the paired blocks' attention (module docstring): ``"qk"``
+            (from queries and keys, no maps), ``"maps"`` (from ``[B, H, L, L]`` probability maps) or
+            ``"relations"``. None (the default): ``"relations"`` when ``relation_heads`` or
+            ``relation_projections`` is given, else ``"qk"``, or ``"maps"`` where a model can only
+            give maps (a maps-only :class:`ModelAdapter`, or attention that its queries and keys do
+            not show, such as a sliding window; the reason is logged). ``"qk"`` and ``"maps"``
+            need equal head counts: with different ones the default is refused, and
+            ``attention="relations"`` is the way. The mode chosen is ``runner.attention``.
+        relation_heads: the number ``R`` of relation heads each projection is split into for
+            ``attention="relations"`` (required there; it must divide the widths of the chosen
+            projections of both models).
+        relation_projections: the projections whose relations are compared, a non-empty sequence of
+            distinct ``"q"``, ``"k"``, ``"v"`` (default all three), for ``attention="relations"``.
         cuda_graphs: ``"auto"`` (on CUDA: capture each stage's step, see :mod:`fastkd.runner.graphs`),
             ``True`` (the same, but an error off CUDA) or ``False`` (eager).
         checkpoint_dir: when given, ``latest.pt`` there is written at the end of every stage and,
@@ -100,6 +148,9 @@ class StageRunner:
         *,
         layer_map: object = "uniform",
         temperature: float = 1.0,
+        attention: str | None = None,
+        relation_heads: int | None = None,
+        relation_projections: Sequence[str] | None = None,
         cuda_graphs: str | bool = "auto",
         checkpoint_dir: str | os.PathLike | None = None,
         checkpoint_every: int | None = None,
@@ -124,6 +175,9 @@ class StageRunner:
             raise ValueError(f"log_every: expected a positive int, got {log_every!r}")
         if not isinstance(measure, bool):
             raise TypeError(f"measure: expected a bool, got {type(measure).__name__}")
+        attention, relation_heads, relation_projections = _check_attention_options(
+            attention, relation_heads, relation_projections
+        )
         self.student = as_adapter(student, "student")
         self.teacher = as_adapter(teacher, "teacher")
         self.schedule = schedule
@@ -141,6 +195,12 @@ class StageRunner:
         parameter = next(self.student.module.parameters())
         self.device = parameter.device
         used = {name for stage in schedule for name in stage.losses}
+        # How 'att' is computed (the constructor's `attention`, resolved) and its relation options.
+        self.attention = self._check_attention(attention, "att" in used)
+        self.relation_heads = relation_heads
+        self.relation_projections = relation_projections
+        if self.attention == "relations" and "att" in used:
+            self._check_relation_widths()
         self._check_models(used)
         project = "hidden" in used and self.student.hidden_size != self.teacher.hidden_size
         _check_scheduler(lr_scheduler, len(optimizer.param_groups), project)
@@ -184,15 +244,60 @@ class StageRunner:
     # ----------------------------------------------------------------------------------------
     # Set-up checks.
 
+    def _check_attention(self, attention: str | None, uses_att: bool) -> str:
+        """The attention mode: ``attention`` checked against the models, or the default chosen."""
+        if not uses_att:
+            return attention or "qk"
+        if not self.layer_map.attention:
+            raise ValueError("layer_map: a stage uses 'att' but the layer map pairs no blocks")
+        heads = (self.student.num_heads, self.teacher.num_heads)
+        if attention != "relations" and heads[0] != heads[1]:
+            chosen = f"attention={attention!r} needs"
+            if attention is None:
+                chosen = "attention='qk' (the default) and 'maps' need"
+            raise ValueError(
+                f"att: {chosen} equal head counts, the student has {heads[0]} attention heads and the teacher "
+                f"{heads[1]}; pass attention='relations' with relation_heads=R (R dividing both models' query, key "
+                "and value widths), which compares MiniLMv2 relations and takes any head counts and widths"
+            )
+        problems = {}
+        for side, (role, model) in enumerate((("student", self.student), ("teacher", self.teacher))):
+            blocks = sorted({pair[side] for pair in self.layer_map.attention})
+            problem = model.attention_inputs_unsupported(blocks)
+            if problem is not None:
+                problems[role] = f"the {role} ({type(model.module).__name__}): {problem}"
+        if attention is None:
+            if not problems:
+                return "qk"
+            log.info("att: attention='maps', since %s", "; ".join(problems.values()))
+            return "maps"
+        if attention != "maps" and problems:
+            raise ValueError(
+                f"attention={attention!r}: {'; '.join(problems.values())}; its attention cannot be seen through "
+                "the queries and keys, use attention='maps'"
+            )
+        return attention
+
+    def _check_relation_widths(self) -> None:
+        """``relation_heads`` divides each chosen projection's width of each transformers model."""
+        for role, model in (("student", self.student), ("teacher", self.teacher)):
+            if not isinstance(model, TransformersAdapter):
+                continue  # a ModelAdapter's widths are checked by relation_kl at the first step
+            config = model.module.config.get_text_config()
+            heads = model.num_heads
+            head_dim = getattr(config, "head_dim", None) or model.hidden_size // heads
+            kv_heads = getattr(config, "num_key_value_heads", None) or heads
+            counts = {"q": heads, "k": kv_heads, "v": kv_heads}
+            for name in self.relation_projections:
+                width = counts[name] * head_dim
+                if width % self.relation_heads:
+                    raise ValueError(
+                        f"relation_heads: {self.relation_heads} does not divide the {role}'s {_FIELDS[name]} width "
+                        f"{width} ({counts[name]} heads of {head_dim}); pick a count dividing the widths of "
+                        f"relation_projections={self.relation_projections} in both models"
+                    )
+
     def _check_models(self, used: set[str]) -> None:
-        if "att" in used:
-            if self.student.num_heads != self.teacher.num_heads:
-                raise ValueError(
-                    f"att: attention pairs need equal head counts, student has {self.student.num_heads} "
-                    f"heads and teacher {self.teacher.num_heads}"
-                )
-            if not self.layer_map.attention:
-                raise ValueError("layer_map: a stage uses 'att' but the layer map pairs no blocks")
         if "logit" in used:
             student_weight, _ = self.student.lm_head()
             teacher_weight, _ = self.teacher.lm_head()
@@ -232,7 +337,7 @@ class StageRunner:
         self.step_index = step
 
     def _set_modes(self) -> None:
-        """Student in train mode, teacher in eval mode, attention maps on exactly in stages with 'att'."""
+        """Student in train mode, teacher in eval mode, fastkd's attention on exactly in stages with 'att'."""
         uses_att = "att" in self.schedule[self._stage_index].losses
         self.student.set_attention_maps(uses_att)
         self.teacher.set_attention_maps(uses_att)
@@ -246,11 +351,15 @@ class StageRunner:
             "hidden": self.layer_map.hidden if "hidden" in stage.losses else (),
             "att": self.layer_map.attention if uses_att else (),
         }
+        inputs = None
+        if uses_att and self.attention != "maps":
+            inputs = "qkv" if self.attention == "relations" and "v" in self.relation_projections else "qk"
         self._requests = tuple(
             Request(
                 hidden=tuple(pair[side] for pair in pairs["hidden"]),
                 attentions=tuple(pair[side] for pair in pairs["att"]),
                 head_input="logit" in stage.losses,
+                attention_inputs=inputs,
             )
             for side in (0, 1)
         )
@@ -270,14 +379,14 @@ class StageRunner:
         student_request, teacher_request = self._requests
         mask = batch["attention_mask"]
         with torch.no_grad():
-            t = self.teacher.features(batch, **vars(teacher_request))
-        s = self.student.features(batch, **vars(student_request))
+            t = self.teacher.features(batch, **teacher_request.kwargs())
+        s = self.student.features(batch, **student_request.kwargs())
         losses = []
         if "hidden" in stage.losses:
             hidden = [p(h) for p, h in zip(self.projections, s.hidden)] if self.projections else s.hidden
             losses.append(fastkd.hidden_mse(hidden, t.hidden, mask=mask))
         if "att" in stage.losses:
-            losses.append(fastkd.attention_kl(s.attentions, t.attentions, mask=mask, kind="probs"))
+            losses.append(self._attention_loss(s, t, mask))
         if "logit" in stage.losses:
             losses.append(self._logit_loss(batch, s, t))
         return self._weighted(stage, losses)
@@ -295,6 +404,61 @@ class StageRunner:
             for name, weight in weights:
                 self._weights[LOSSES.index(name)].fill_(weight)
             self._filled = weights
+
+    def _attention_loss(self, s: Features, t: Features, mask: torch.Tensor) -> torch.Tensor:
+        """The ``att`` loss of the stage's attention pairs, as ``self.attention`` says (module docstring)."""
+        if self.attention == "maps":
+            return fastkd.attention_kl(s.attentions, t.attentions, mask=mask, kind="probs")
+        student = self._attention_inputs("student", self.student, s)
+        teacher = self._attention_inputs("teacher", self.teacher, t)
+        flags = {x.causal for x in (*student, *teacher)}
+        if len(flags) > 1:
+            raise ValueError(
+                "att: the paired blocks' attention is causal in some and bidirectional in others (student "
+                f"{[x.causal for x in student]}, teacher {[x.causal for x in teacher]}); attention_kl_qk takes one "
+                "causal flag, use attention='maps'"
+            )
+        causal = flags.pop()
+        if self.attention == "relations":
+            per_projection = []
+            for name in self.relation_projections:
+                field = _FIELDS[name]
+                per_projection.append(fastkd.relation_kl(
+                    [_concatenated(getattr(x, field)) for x in student],
+                    [_concatenated(getattr(x, field)) for x in teacher],
+                    relation_heads=self.relation_heads, mask=mask, causal=causal,
+                ))
+            return per_projection[0] if len(per_projection) == 1 else torch.stack(per_projection).mean()
+        student_scales = [_scaling(x) for x in student]
+        teacher_scales = [_scaling(x) for x in teacher]
+        if len(set(student_scales)) == 1 and len(set(teacher_scales)) == 1:
+            return fastkd.attention_kl_qk(
+                [x.query for x in student], [x.key for x in student],
+                [x.query for x in teacher], [x.key for x in teacher],
+                mask=mask, causal=causal, student_scale=student_scales[0], teacher_scale=teacher_scales[0],
+            )
+        # Scalings differ between blocks (e.g. GPT-2's scale_attn_by_inverse_layer_idx): each pair on its
+        # own, then the mean of the pairs' means, which is what the sequence form's "mean" is.
+        return torch.stack([
+            fastkd.attention_kl_qk(x.query, x.key, y.query, y.key, mask=mask, causal=causal,
+                                   student_scale=a, teacher_scale=b)
+            for x, y, a, b in zip(student, teacher, student_scales, teacher_scales)
+        ]).mean()
+
+    def _attention_inputs(self, role: str, model: ModelAdapter, features: Features) -> list[AttentionInputs]:
+        """``features.attention_inputs``, checked, with ``causal`` resolved to a bool."""
+        wanted = len(self.layer_map.attention)
+        got = list(features.attention_inputs)
+        if len(got) != wanted or not all(isinstance(x, AttentionInputs) for x in got):
+            raise RuntimeError(
+                f"{role}: {type(model).__name__}.features returned {len(got)} attention input(s) for {wanted} "
+                f"attention block(s); with attention={self.attention!r} it must return one "
+                "fastkd.runner.models.AttentionInputs per block in Features.attention_inputs"
+            )
+        needs_value = self.attention == "relations" and "v" in self.relation_projections
+        if needs_value and any(x.value is None for x in got):
+            raise RuntimeError(f"{role}: {type(model).__name__}.features returned no value tensors for 'v' relations")
+        return [x._replace(causal=model.causal if x.causal is None else bool(x.causal)) for x in got]
 
     def _logit_loss(self, batch: Mapping[str, torch.Tensor], s: Features, t: Features) -> torch.Tensor:
         student_weight, student_bias = self.student.lm_head()
@@ -416,6 +580,56 @@ class StageRunner:
         if stage_end or periodic:
             os.makedirs(self.checkpoint_dir, exist_ok=True)
             self.save(os.path.join(self.checkpoint_dir, "latest.pt"))
+
+
+def _check_attention_options(
+    attention: object, relation_heads: object, relation_projections: object
+) -> tuple[str | None, int | None, tuple[str, ...] | None]:
+    """The constructor's attention arguments, checked: (attention or None, relation_heads, projections)."""
+    if attention is not None and attention not in ATTENTION_MODES:
+        raise ValueError(
+            f"attention: expected one of {', '.join(map(repr, ATTENTION_MODES))} (or None for the default), "
+            f"got {attention!r}"
+        )
+    relation_given = relation_heads is not None or relation_projections is not None
+    if attention not in (None, "relations") and relation_given:
+        name = "relation_heads" if relation_heads is not None else "relation_projections"
+        raise ValueError(f"{name}: only used with attention='relations', got attention={attention!r}")
+    if attention != "relations" and not relation_given:
+        return attention, None, None
+    if relation_heads is None:
+        raise ValueError("relation_heads: attention='relations' needs relation_heads=R, the number of relation heads")
+    if isinstance(relation_heads, bool) or not isinstance(relation_heads, int):
+        raise TypeError(f"relation_heads: expected a positive int, got {type(relation_heads).__name__}")
+    if relation_heads <= 0:
+        raise ValueError(f"relation_heads: expected a positive int, got {relation_heads}")
+    if relation_projections is None:
+        relation_projections = PROJECTIONS
+    if isinstance(relation_projections, str) or not isinstance(relation_projections, (list, tuple, set, frozenset)):
+        raise TypeError(
+            "relation_projections: expected a sequence of some of 'q', 'k', 'v' such as ('q', 'k'), "
+            f"got {relation_projections!r}"
+        )
+    names = list(relation_projections)
+    unknown = [name for name in names if name not in PROJECTIONS]
+    if unknown or not names or len(set(names)) != len(names):
+        raise ValueError(
+            "relation_projections: expected a non-empty sequence of distinct 'q', 'k', 'v', "
+            f"got {relation_projections!r}"
+        )
+    return "relations", relation_heads, tuple(name for name in PROJECTIONS if name in names)
+
+
+def _concatenated(x: torch.Tensor) -> torch.Tensor:
+    """``[B, H, L, d]`` as ``[B, L, H * d]``: the heads concatenated, as the projection made them."""
+    return x.transpose(1, 2).reshape(x.shape[0], x.shape[2], x.shape[1] * x.shape[3])
+
+
+def _scaling(x: AttentionInputs) -> float:
+    """The block's score scaling as a float (``d ** -0.5`` when None)."""
+    if x.scaling is None:
+        return x.query.shape[-1] ** -0.5
+    return float(x.scaling)
 
 
 def _check_scheduler(lr_scheduler: object, groups: int, project: bool) -> None:
