@@ -1,4 +1,5 @@
-"""The benchmark suite: the CLI end to end on tiny sizes, the correctness gate, the memory meter."""
+"""The benchmark suite: the CLI end to end on tiny sizes, the correctness gate, the memory meter,
+the ``attention_kl_qk`` and long-sequence runner cases at tiny sizes."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ ROW_FIELDS = {"op", "impl", "device", "dtype", "shape", "time_ms", "peak_mem_mb"
 
 def _run_cli(tmp_path: Path, device: str, capsys) -> dict:
     out = tmp_path / "bench"
-    ops = "logit_kl,hidden_mse,attention_kl"
+    ops = "logit_kl,hidden_mse,attention_kl,attention_kl_qk"
     args = ["bench", "--size", "tiny", "--ops", ops, "--impls", "fastkd", "--reps", "2", "--device", device]
     args += ["--out", str(out)]
     assert main(args) == 0
@@ -43,14 +44,18 @@ def test_cli_writes_results(tmp_path, capsys, device):
     assert machine["device"] == device and machine["torch"] == torch.__version__
     assert machine["copy_bandwidth_gbs"] > 0
     rows = results["rows"]
+    # attention_kl_qk's reference is the maps path; on CUDA its sdpa yardstick (its own reference) runs too
+    qk_impls = ("maps", "fastkd") + (("sdpa",) if device == "cuda" else ())
     assert {(r["op"], r["impl"]) for r in rows} == {
         (op, impl) for op in ("logit_kl", "hidden_mse", "attention_kl") for impl in ("torch", "fastkd")
-    }
+    } | {("attention_kl_qk", impl) for impl in qk_impls}
     for row in rows:
         assert ROW_FIELDS <= row.keys()
         assert row["device"] == device and row["time_ms"] > 0 and row["peak_mem_mb"] >= 0
-        bandwidth = machine["copy_bandwidth_gbs"] * 1e9
-        assert row["floor_ms"] == pytest.approx(row["bytes"] / bandwidth * 1e3)
+        floor_ms = row["bytes"] / (machine["copy_bandwidth_gbs"] * 1e9) * 1e3
+        if row["flops"]:
+            floor_ms = max(floor_ms, row["flops"] / (machine["matmul_tflops"][row["dtype"]] * 1e12) * 1e3)
+        assert row["floor_ms"] == pytest.approx(floor_ms)
         assert row["max_err"] <= row["tolerance"]
 
 
@@ -162,3 +167,133 @@ def test_python_m_fastkd_runs_the_cli():
     )
     assert done.returncode == 0, done.stderr
     assert "--quick" in done.stdout and "--out" in done.stdout
+
+
+# --------------------------------------------------------------------------------------------
+# attention_kl_qk
+
+
+def _qk_rows_by_shape(results: dict) -> dict[str, dict[str, dict]]:
+    by_shape: dict[str, dict[str, dict]] = {}
+    for row in results["rows"]:
+        by_shape.setdefault(row["shape"], {})[row["impl"]] = row
+    return by_shape
+
+
+def test_attention_kl_qk_cases_check_time_and_measure_every_implementation():
+    """Tiny sizes (GQA, d_s != d_t, causal, padding; and plain): fastkd, the maps path (the
+    reference) and the eager formula, each checked against the maps path run in float64."""
+    cases = select_cases("cpu", "tiny", ops=["attention_kl_qk"], impls=["fastkd", "torch"])
+    assert [c.reference for c in cases] == ["maps", "maps"]
+    assert list(select_cases("cpu", "tiny", ops=["attention_kl_qk"])[0].impls) == ["maps", "fastkd", "torch", "compile"]
+    results = harness.run_cases(cases, reps=1, progress=lambda message: None)
+    by_shape = _qk_rows_by_shape(results)
+    assert sorted(by_shape) == sorted(c.shape for c in cases)
+    assert any("causal padded" in shape and "H_kv=2/4" in shape for shape in by_shape)
+    for rows in by_shape.values():
+        assert set(rows) == {"maps", "fastkd", "torch"}
+        for row in rows.values():
+            assert row["op"] == "attention_kl_qk" and row["reference"] == "maps"
+            assert row["max_err"] <= row["tolerance"] and row["tolerance"] <= 1e-4
+            assert row["time_ms"] > 0 and row["peak_mem_mb"] >= 0 and row["flops"] > 0
+        # the fastkd row's ratios are fastkd against the maps path
+        fastkd_row, maps_row = rows["fastkd"], rows["maps"]
+        assert fastkd_row["speedup_vs_ref"] == pytest.approx(maps_row["time_ms"] / fastkd_row["time_ms"])
+        assert fastkd_row["config"].startswith("fastkd.attention_kl_qk")
+
+
+def test_attention_kl_qk_baselines_are_the_formula():
+    """maps and torch against the float64 formula of tests/reference.py (explicit scores, softmax
+    and KL), value and gradients, on the tiny shapes."""
+    from reference import attention_qk_rows, reduce
+
+    from fastkd.bench.cases import _QK_TINY, _qk_inputs, maps_attention_kl_qk, torch_attention_kl_qk
+
+    for shape in _QK_TINY:
+        inputs = harness._cast(_qk_inputs(shape, torch.float32, "cpu"), torch.float64)
+        q_s, k_s, q_t, k_t = (inputs[name] for name in ("student_q", "student_k", "teacher_q", "teacher_k"))
+        rows = attention_qk_rows(q_s, k_s, q_t, k_t, q_s.shape[-1] ** -0.5, q_t.shape[-1] ** -0.5,
+                                 inputs["mask"], shape.causal)
+        want = reduce(rows, inputs["mask"], "mean", attention=True)
+        want_grads = torch.autograd.grad(want, (q_s, k_s))
+        for fn in (maps_attention_kl_qk, torch_attention_kl_qk):
+            got = fn(**inputs)
+            assert got.item() == pytest.approx(want.item(), rel=1e-10)
+            for g, w in zip(torch.autograd.grad(got, (q_s, k_s)), want_grads):
+                torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-12)
+
+
+def test_attention_kl_qk_sizes_and_floors():
+    cpu = {size: select_cases("cpu", size, ops=["attention_kl_qk"]) for size in ("quick", "default")}
+    (default,) = cpu["default"]
+    assert default.shape == "B=2 H=8 L=2048 d=64" and default.dtype == torch.float32
+    assert cpu["quick"][0].shape == "B=2 H=8 L=256 d=64"
+    n = 2 * 8 * 2048**2  # score elements per model
+    assert default.flops == 8 * n * 64  # two score GEMMs, dq, dk
+    assert default.bytes == 6 * (2 * 8 * 2048 * 64) * 4  # read q_s, k_s, q_t, k_t; write dq_s, dk_s
+    cuda = select_cases("cuda", "default", ops=["attention_kl_qk"])  # listing needs no GPU
+    assert [(c.shape, c.reference, list(c.impls)) for c in cuda] == [
+        ("B=4 H=32 L=4096 d=128 causal", "maps", ["maps", "fastkd", "torch", "compile"]),
+        ("B=4 H=32 L=4096 d=128 causal", "sdpa", ["sdpa"]),
+    ]
+    assert cuda[0].dtype == torch.bfloat16 and cuda[0].flops == 8 * (4 * 32 * 4096 * 4097 // 2) * 128
+    assert "YARDSTICK" in cuda[1].configs["sdpa"]
+
+
+def test_sdpa_yardstick_runs():
+    """The CUDA-only yardstick, run on CPU: SDPA forward + backward to q and k, GQA included."""
+    from fastkd.bench.cases import _QK_TINY, sdpa_case
+
+    for shape in _QK_TINY:
+        case = sdpa_case(shape, torch.float32, "cpu", "tiny")
+        assert harness.check_case(case, case.make_inputs())["sdpa"]["max_err"] < 1e-5
+
+
+# --------------------------------------------------------------------------------------------
+# The runner at long lengths
+
+
+def test_long_runner_cases_at_tiny_size():
+    """att alone against hidden alone (each checked as its loss over the plain way's), and the three
+    configurations, fastkd with attention='qk' against the plain way."""
+    cases = select_cases("cpu", "tiny", ops=["runner_stage", "runner_long"])
+    assert [c.op for c in cases] == ["runner_stage"] + ["runner_long"] * 3
+    for case in cases[1:]:
+        assert case.impls["fastkd"].attention == "qk"  # passed to StageRunner (the plain way has no such option)
+        assert "attention='qk'" in case.configs["fastkd"]
+    results = harness.run_cases(cases, reps=1, progress=lambda message: None)
+    impls = {(row["op"], row["shape"].split(":")[0], row["impl"]) for row in results["rows"]}
+    compared = "att alone vs hidden alone"
+    presets = ("one-stage", "two-stage", "three-stage")
+    assert impls == {("runner_stage", compared, "hidden"), ("runner_stage", compared, "att")} | {
+        ("runner_long", preset, way) for preset in presets for way in ("plain", "fastkd")
+    }
+    for row in results["rows"]:
+        assert row["max_err"] <= row["tolerance"] and row["time_ms"] > 0
+    att = next(row for row in results["rows"] if row["impl"] == "att")
+    assert att["reference"] == "hidden"  # speed-up = hidden ms / att ms, peak vs ref = att MB / hidden MB
+    stage = cases[0]
+    ratios = stage.impls["att"](**stage.make_inputs())
+    assert torch.allclose(ratios, torch.ones_like(ratios), atol=1e-4)  # fastkd's att loss over the plain way's
+
+
+def test_the_stage_case_fails_a_loss_that_differs_from_the_plain_way():
+    """The check of runner_stage is real: fastkd's att stage over the plain way's *hidden* loss."""
+    from fastkd.bench.runner_cases import LONG_SIZES, ConfigurationStep, PlainRatio
+
+    (case,) = select_cases("cpu", "tiny", ops=["runner_stage"])
+    dims = LONG_SIZES["cpu"]["tiny"]
+    wrong = PlainRatio(ConfigurationStep("fastkd", (("att",),), dims, "cpu", "qk"),
+                       ConfigurationStep("plain", (("hidden",),), dims, "cpu"))
+    with pytest.raises(harness.BenchmarkError, match="'att' differs from the reference 'hidden'"):
+        harness.check_case(replace(case, impls={**case.impls, "att": wrong}), case.make_inputs())
+
+
+def test_the_runner_at_4096_is_opt_in():
+    default = select_cases("cpu", "default")
+    assert "runner_4096" not in {c.op for c in default}
+    lengths = {c.op: c.shape.rsplit("x", 1)[1] for c in default if c.op in ("runner_stage", "runner_long")}
+    assert lengths == {"runner_stage": "2048", "runner_long": "2048"}
+    opted = select_cases("cpu", "default", ops=["runner_4096"])
+    assert [c.shape.split(":")[0] for c in opted] == ["one-stage", "two-stage", "three-stage"]
+    assert all(c.opt_in and c.shape.endswith("2x4096") and "teacher 4x256, student 2x128" in c.shape for c in opted)

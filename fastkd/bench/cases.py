@@ -1,8 +1,9 @@
 """The benchmark cases: one definition shared by ``fastkd bench`` and ``benchmarks/``.
 
 A :class:`Case` is one operation at one size on one device, with the implementations to compare.
-This module defines the cases of the three losses and, at its end, adds the ``CASES`` lists of the
-modules ``fastkd.bench.fused_linear_cases`` and ``fastkd.bench.runner_cases``.
+This module defines the cases of the three losses and of ``attention_kl_qk`` (below, with their own
+implementations) and, at its end, adds the ``CASES`` lists of the modules
+``fastkd.bench.fused_linear_cases`` and ``fastkd.bench.runner_cases``.
 
 Implementations of the losses, each computing forward and (through the harness) backward:
 
@@ -68,6 +69,8 @@ class Case:
             that run their own backward, such as a whole training step; their outputs are then
             compared as returned).
         tolerance: the error accepted whatever the reference's own error; default by dtype.
+        opt_in: run only when asked for by name (``fastkd bench --ops <op>``), never in a run of
+            every op: for cases too long for the default suite (e.g. the runner at L=4096).
     """
 
     op: str
@@ -83,6 +86,7 @@ class Case:
     reference: str = "torch"
     backward: bool = True
     tolerance: float | None = None
+    opt_in: bool = False
 
 
 # --------------------------------------------------------------------------------------------
@@ -305,6 +309,240 @@ def loss_cases(device: str, size: str) -> list[Case]:
 
 
 # --------------------------------------------------------------------------------------------
+# attention_kl_qk: the attention KL from queries and keys, ``attention_kl(S_s, S_t, kind="scores")``
+# with ``S = q k^T * d^-0.5``. Implementations, each forward + backward to the student's queries
+# and keys (the teacher is a constant):
+#
+# - ``fastkd``: ``fastkd.attention_kl_qk``: no ``[L, L]`` map (query chunks of scores on CPU,
+#   flash-attention style tiles in Triton);
+# - ``maps``: the maps path as users write it: per side ``S = q @ k^T * d^-0.5`` (grouped-query
+#   attention: keys repeated per group), ``-inf`` on the dropped keys (causal, padding), softmax,
+#   then ``fastkd.attention_kl(probs_s, probs_t, mask=mask, kind="probs")``. It is the case's
+#   reference (run in float64 on CPU, float32 on CUDA, for the check), so that the ``fastkd`` row's
+#   ``speed-up`` and ``peak vs ref`` read as fastkd against the maps path;
+# - ``torch``: the formula in eager PyTorch: both score maps (upcast to float32 from bfloat16),
+#   ``log_softmax`` of each, ``sum_j p (log p - log q)`` over the kept keys, masked mean;
+# - ``compile``: ``torch.compile`` of ``torch``;
+# - ``sdpa`` (CUDA, a case of its own beside each CUDA case, same shape): a yardstick, not a
+#   competitor: ``F.scaled_dot_product_attention`` forward + backward on the student's ``q`` and
+#   ``k`` (``v = k``), causal as the case, padding ignored: the cost of one tiled attention pass.
+
+
+@dataclass(frozen=True)
+class QKShape:
+    """Sizes of an ``attention_kl_qk`` case: ``[B, H, L, d]`` queries of both models, keys with
+    ``kv_heads`` / ``kv_heads_t`` heads (None: ``H``), teacher width ``d_t`` (None: ``d``), causal or
+    not, right padding (``mask``) or none."""
+
+    batch: int
+    heads: int
+    length: int
+    d: int
+    d_t: int | None = None
+    kv_heads: int | None = None
+    kv_heads_t: int | None = None
+    causal: bool = False
+    padded: bool = False
+
+    def side(self, student: bool) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """(query shape, key shape) of the student or the teacher."""
+        width = self.d if student or self.d_t is None else self.d_t
+        kv = self.kv_heads if student else self.kv_heads_t
+        kv = self.heads if kv is None else kv
+        return (self.batch, self.heads, self.length, width), (self.batch, kv, self.length, width)
+
+    @property
+    def score_elements(self) -> int:
+        """Score entries per model that the softmaxes see: ``B H L^2``, ``B H L (L + 1) / 2`` causal."""
+        per_head = self.length * (self.length + 1) // 2 if self.causal else self.length**2
+        return self.batch * self.heads * per_head
+
+    def label(self) -> str:
+        text = f"B={self.batch} H={self.heads} L={self.length} d={self.d}"
+        if self.d_t is not None and self.d_t != self.d:
+            text += f" d_t={self.d_t}"
+        if self.kv_heads not in (None, self.heads) or self.kv_heads_t not in (None, self.heads):
+            text += f" H_kv={self.side(True)[1][1]}/{self.side(False)[1][1]}"
+        return text + (" causal" if self.causal else "") + (" padded" if self.padded else "")
+
+
+def _dropped_keys(length: int, mask, causal: bool, device) -> torch.Tensor | None:
+    """``[B or 1, 1, L, L]``, True where query i drops key j: padding, or ``j > i`` when causal."""
+    dropped = None
+    if causal:
+        dropped = torch.ones(length, length, dtype=torch.bool, device=device).triu(1)
+    if mask is not None:
+        padding = (mask == 0)[:, None, None, :]
+        dropped = padding if dropped is None else dropped | padding
+    return dropped
+
+
+def _scores(query, key, dropped):
+    """``query @ key^T * d^-0.5`` ``[B, H, L, L]``, keys repeated per query group, dropped keys -inf."""
+    key = key.repeat_interleave(query.shape[1] // key.shape[1], dim=1)
+    scores = query @ key.transpose(-1, -2) * query.shape[-1] ** -0.5
+    return scores if dropped is None else scores.masked_fill(dropped, float("-inf"))
+
+
+def fastkd_attention_kl_qk(student_q, student_k, teacher_q, teacher_k, mask, causal):
+    import fastkd
+
+    return fastkd.attention_kl_qk(student_q, student_k, teacher_q, teacher_k, mask=mask, causal=causal)
+
+
+def maps_attention_kl_qk(student_q, student_k, teacher_q, teacher_k, mask, causal):
+    """The maps path: both models' probabilities ``[B, H, L, L]``, then ``attention_kl`` of them."""
+    import fastkd
+
+    dropped = _dropped_keys(student_q.shape[2], mask, causal, student_q.device)
+    probs_s = _scores(student_q, student_k, dropped).softmax(-1)
+    with torch.no_grad():
+        probs_t = _scores(teacher_q, teacher_k, dropped).softmax(-1)
+    return fastkd.attention_kl(probs_s, probs_t, mask=mask, kind="probs")
+
+
+def torch_attention_kl_qk(student_q, student_k, teacher_q, teacher_k, mask, causal):
+    """The formula in eager PyTorch: ``sum_j p (log p - log q)`` of two ``log_softmax``es of scores."""
+    dropped = _dropped_keys(student_q.shape[2], mask, causal, student_q.device)
+    scores_s = _scores(student_q, student_k, dropped)
+    wide = torch.promote_types(scores_s.dtype, torch.float32)
+    log_q = F.log_softmax(scores_s.to(wide), dim=-1)
+    log_p = F.log_softmax(_scores(teacher_q, teacher_k, dropped).to(wide), dim=-1)
+    terms = log_p.exp() * (log_p - log_q)
+    if dropped is not None:
+        terms = terms.masked_fill(dropped, 0.0)  # 0 * (-inf - -inf) is NaN on the dropped keys
+    kl = terms.sum(-1)  # [B, H, L]
+    if mask is None:
+        return kl.mean()
+    m = mask[:, None, :].to(kl.dtype)
+    return (kl * m).sum() / (kl.shape[1] * m.sum().clamp_min(1))
+
+
+def sdpa_yardstick(student_q, student_k, teacher_q, teacher_k, mask, causal):
+    """``F.scaled_dot_product_attention(q, k, k)`` of the student, causal as the case (padding
+    ignored), reduced to a scalar whose gradient reaches ``q`` and ``k`` (through ``k`` and ``v``)."""
+    gqa = student_k.shape[1] != student_q.shape[1]
+    out = F.scaled_dot_product_attention(student_q, student_k, student_k, is_causal=causal, enable_gqa=gqa)
+    return out.float().square().mean()
+
+
+QK_CONFIGS = {
+    "fastkd": "fastkd.attention_kl_qk(q_s, k_s, q_t, k_t, mask=, causal=): no [L, L] map",
+    "maps": "S = q @ k^T * d^-0.5 per side (GQA: keys repeated), -inf on dropped keys, softmax, then "
+    "fastkd.attention_kl(probs_s, probs_t, mask=mask, kind='probs') (the maps path as users write it)",
+    "torch": "eager: both score maps, F.log_softmax of each (float32 from bfloat16), "
+    "sum p (log p - log q) over kept keys, masked mean over valid query rows and heads",
+    "compile": "torch.compile(<the torch formula>, dynamic=False)",
+    "sdpa": "YARDSTICK, not a competitor: F.scaled_dot_product_attention(q_s, k_s, v=k_s, is_causal) "
+    "forward + backward, padding ignored: the cost of one tiled attention pass",
+}
+
+# device -> size -> [(shape, dtype)]. CPU default: the issue's B=2, H=8, L=2048, d=64 float32 (no
+# causal variant: the default suite's time); tiny: the paths (GQA, d_s != d_t, causal, padding).
+_QK_TINY = [
+    QKShape(2, 4, 32, 8, d_t=12, kv_heads=2, causal=True, padded=True),
+    QKShape(2, 2, 24, 8),
+]
+QK_SIZES = {
+    "cpu": {
+        "tiny": [(shape, _F32) for shape in _QK_TINY],
+        "quick": [(QKShape(2, 8, 256, 64), _F32)],
+        "default": [(QKShape(2, 8, 2048, 64), _F32)],
+    },
+    "cuda": {
+        "tiny": [(shape, _BF16) for shape in _QK_TINY],
+        "quick": [(QKShape(2, 16, 2048, 128, causal=True), _BF16)],
+        "default": [(QKShape(4, 32, 4096, 128, causal=True), _BF16)],
+    },
+}
+
+
+def _qk_inputs(shape: QKShape, dtype, device):
+    gen = _generator(device, 4)
+    (q_shape_s, k_shape_s), (q_shape_t, k_shape_t) = shape.side(True), shape.side(False)
+    inputs = {
+        "student_q": _randn(q_shape_s, gen, device, dtype).requires_grad_(),
+        "student_k": _randn(k_shape_s, gen, device, dtype).requires_grad_(),
+        "teacher_q": _randn(q_shape_t, gen, device, dtype, 2.0),  # a sharper teacher
+        "teacher_k": _randn(k_shape_t, gen, device, dtype),
+        "mask": None,
+        "causal": shape.causal,
+    }
+    if shape.padded:
+        batch, length = shape.batch, shape.length
+        lengths = torch.tensor([length - b * length // 8 for b in range(batch)], device=device)
+        inputs["mask"] = torch.arange(length, device=device)[None, :] < lengths[:, None]  # right padding
+    return inputs
+
+
+def _qk_bytes(shape: QKShape, elt: int) -> int:
+    """One-pass minimum: read the four inputs once, write the student's two gradients."""
+    (q_s, k_s), (q_t, k_t) = (tuple(math.prod(x) for x in shape.side(s)) for s in (True, False))
+    return elt * (2 * q_s + 2 * k_s + q_t + k_t)
+
+
+def _qk_flops(shape: QKShape) -> int:
+    """One-pass minimum: both score GEMMs (``2 n d`` each), then ``dq = dS k`` and ``dk = dS^T q``
+    (``2 n d_s`` each), ``n`` the score elements; a design that recomputes the scores in backward
+    (fastkd's) does ``2 n (d_s + d_t)`` more (``benchmarks/NOTES.md``)."""
+    d_t = shape.d if shape.d_t is None else shape.d_t
+    return 2 * shape.score_elements * (3 * shape.d + d_t)
+
+
+def qk_case(shape: QKShape, dtype: torch.dtype, device: str, size: str) -> Case:
+    """The ``attention_kl_qk`` case of ``shape``: fastkd, maps (the reference), torch, compile."""
+    elt = torch.empty((), dtype=dtype).element_size()
+    return Case(
+        op="attention_kl_qk",
+        shape=shape.label(),
+        dtype=dtype,
+        device=device,
+        size=size,
+        make_inputs=lambda: _qk_inputs(shape, dtype, device),
+        impls={
+            "maps": maps_attention_kl_qk,
+            "fastkd": fastkd_attention_kl_qk,
+            "torch": torch_attention_kl_qk,
+            "compile": compiled(torch_attention_kl_qk),
+        },
+        bytes=_qk_bytes(shape, elt),
+        flops=_qk_flops(shape),
+        configs={name: QK_CONFIGS[name] for name in ("fastkd", "maps", "torch", "compile")},
+        reference="maps",
+    )
+
+
+def sdpa_case(shape: QKShape, dtype: torch.dtype, device: str, size: str) -> Case:
+    """The ``sdpa`` yardstick beside an ``attention_kl_qk`` case (its own reference: nothing to
+    compare it with; the check only shows that it runs and is close to itself in float32)."""
+    elt = torch.empty((), dtype=dtype).element_size()
+    q_numel = math.prod(shape.side(True)[0])
+    return Case(
+        op="attention_kl_qk",
+        shape=shape.label(),
+        dtype=dtype,
+        device=device,
+        size=size,
+        make_inputs=lambda: _qk_inputs(shape, dtype, device),
+        impls={"sdpa": sdpa_yardstick},
+        bytes=12 * q_numel * elt,  # about: forward reads q, k, v, writes o; backward reads 5, writes 3
+        flops=14 * shape.score_elements * shape.d,  # forward 2 GEMMs, backward 5 (recompute, dv, dp, dq, dk)
+        configs={"sdpa": QK_CONFIGS["sdpa"]},
+        reference="sdpa",
+        tolerance=5e-2,
+    )
+
+
+def qk_cases(device: str, size: str) -> list[Case]:
+    cases = []
+    for shape, dtype in QK_SIZES[device][size]:
+        cases.append(qk_case(shape, dtype, device, size))
+        if device == "cuda":
+            cases.append(sdpa_case(shape, dtype, device, size))
+    return cases
+
+
+# --------------------------------------------------------------------------------------------
 # Cases defined in other modules (each a ``CASES: list[Case]``).
 
 
@@ -319,11 +557,15 @@ def select_cases(
     device: str, size: str, ops: list[str] | None = None, impls: list[str] | None = None
 ) -> list[Case]:
     """Every case of ``device`` and ``size`` (the losses first), restricted to ``ops`` and to the
-    implementations ``impls`` (plus each case's reference) if given."""
+    implementations ``impls`` (plus each case's reference) if given. Cases marked ``opt_in`` are
+    selected only when ``ops`` names their op."""
     if size not in SIZES:
         raise ValueError(f"size: got {size!r}, expected one of {', '.join(SIZES)}")
-    cases = loss_cases(device, size) + [c for c in extra_cases() if c.device == device and c.size == size]
-    if ops is not None:
+    cases = loss_cases(device, size) + qk_cases(device, size)
+    cases += [c for c in extra_cases() if c.device == device and c.size == size]
+    if ops is None:
+        cases = [c for c in cases if not c.opt_in]
+    else:
         known = sorted({c.op for c in cases})
         unknown = [op for op in ops if op not in known]
         if unknown:

@@ -20,6 +20,19 @@ harness compares with the plain way's.
 Models: Llama-style causal LMs (8 heads, MLP width 2.75x), teacher and student of the sizes below,
 ``layer_map="uniform"``, temperature 2. CPU runs set glibc's mmap threshold to 1 MiB
 (:func:`fastkd.runner.measure.fix_mmap_threshold`) so that the resident set follows the tensors.
+
+Long sequences (CPU; teacher 4 x 256, student 2 x 128, V=8000, batch 2, ``LONG_SIZES``), where the
+attention maps are what costs, with the runner's ``attention="qk"`` (the attention KL from queries
+and keys, ``fastkd.attention_kl_qk``, no ``[L, L]`` map):
+
+- op ``runner_stage``: a stage with ``att`` alone against a stage with ``hidden`` alone, both
+  ``StageRunner(attention="qk")``: implementations ``hidden`` (the reference) and ``att``, so that the
+  ``att`` row's ``speed-up`` is ``hidden ms / att ms`` and its ``peak vs ref`` ``att MB / hidden MB``.
+  Each returns its losses divided by the plain way's on the same batch and models (the plain step
+  runs once, at the first call, then is dropped): 1 where they agree, which the check compares.
+- op ``runner_long``: the three configurations, ``plain`` against ``fastkd`` (``attention="qk"``);
+- op ``runner_4096``: the same at L=4096, opt-in (``fastkd bench --ops runner_4096``): several
+  minutes on 2 cores and about 15 GB for the plain way's maps, too long for the default suite.
 """
 
 from __future__ import annotations
@@ -56,10 +69,12 @@ def _model(layers: int, width: int, vocab: int, device: str, dtype: torch.dtype)
 
 
 class ConfigurationStep:
-    """One step of each stage of ``preset``, by the plain way or fastkd (module docstring)."""
+    """One step of each stage of ``stages`` (a preset's stages: ``PRESETS[name]``), by the plain way
+    or fastkd (module docstring); ``attention`` (None: the runner's default) is passed to fastkd's
+    ``StageRunner``."""
 
-    def __init__(self, way: str, preset: str, size: tuple, device: str) -> None:
-        self.way, self.preset, self.size, self.device = way, preset, size, device
+    def __init__(self, way: str, stages: tuple, size: tuple, device: str, attention: str | None = None) -> None:
+        self.way, self.stages, self.size, self.device, self.attention = way, stages, size, device, attention
         self.runners = None
 
     def _build(self) -> None:
@@ -74,6 +89,8 @@ class ConfigurationStep:
         graphs = self.way == "fastkd+graphs"
         runner_class = PlainRunner if self.way == "plain" else StageRunner
         extra = {} if self.way == "plain" else {"cuda_graphs": graphs}
+        if self.way != "plain" and self.attention is not None:
+            extra["attention"] = self.attention
         # One runner per stage, each a one-stage schedule that never ends, so that a CUDA graph
         # is captured once per stage and kept. measure=True: every step ends synchronised, and resets
         # the peak memory statistics when it starts.
@@ -82,7 +99,7 @@ class ConfigurationStep:
                 student, teacher, Schedule([Stage(STAGE_NAMES[i], dict.fromkeys(losses, 1.0), 1 << 30)]),
                 optimizer, temperature=2.0, quiet=True, measure=True, **extra,
             )
-            for i, losses in enumerate(PRESETS[self.preset])
+            for i, losses in enumerate(self.stages)
         ]
 
     def __call__(self, batch: dict) -> torch.Tensor:
@@ -108,7 +125,7 @@ def _inputs(size: tuple, device: str):
     return {"batch": {"input_ids": ids.to(device), "attention_mask": mask.to(device)}}
 
 
-def _flops(preset: str, size: tuple) -> int:
+def _flops(stages: tuple, size: tuple) -> int:
     """Matmul FLOPs of one step of each stage: teacher forward, student forward + backward (2x forward),
     the LM heads only in stages with 'logit'."""
     (t_layers, t_width), (s_layers, s_width), vocab, (batch, length), _ = size
@@ -120,33 +137,121 @@ def _flops(preset: str, size: tuple) -> int:
 
     return sum(
         forward(t_layers, t_width, "logit" in losses) + 3 * forward(s_layers, s_width, "logit" in losses)
-        for losses in PRESETS[preset]
+        for losses in stages
     )
 
 
-def runner_case(preset: str, device: str, size: str) -> Case:
-    dims = RUNNER_SIZES[device][size]
-    (t_layers, t_width), (s_layers, s_width), vocab, (batch, length), dtype = dims
+def _models_label(dims: tuple) -> str:
+    (t_layers, t_width), (s_layers, s_width), vocab, (batch, length), _ = dims
+    return f"teacher {t_layers}x{t_width}, student {s_layers}x{s_width}, V={vocab}, {batch}x{length}"
+
+
+CONFIGS = {
+    "plain": "whole models, output_hidden_states + output_attentions (eager), full logits, eager losses",
+    "fastkd": "StageRunner, eager: stage-aware features, fused losses, fused_linear_kl",
+    "fastkd+graphs": "StageRunner, each stage's step in a CUDA graph",
+}
+QK_CONFIG = "StageRunner(attention='qk'), eager: att from queries and keys (attention_kl_qk, no [L, L] map), " \
+    "stage-aware features, fused losses, fused_linear_kl"
+
+
+def runner_case(preset: str, device: str, size: str, *, op: str = "runner", dims: tuple | None = None,
+                attention: str | None = None, opt_in: bool = False) -> Case:
+    """The configuration ``preset``: the plain way against fastkd (and fastkd+graphs on CUDA), at
+    ``RUNNER_SIZES[device][size]`` unless ``dims`` is given; ``attention`` is passed to fastkd's runner."""
+    dims = RUNNER_SIZES[device][size] if dims is None else dims
+    dtype = dims[-1]
     ways = ["plain", "fastkd"] + (["fastkd+graphs"] if device == "cuda" else [])
+    configs = dict(CONFIGS)
+    if attention == "qk":
+        configs["fastkd"] = QK_CONFIG
+    elif attention is not None:
+        configs["fastkd"] = f"StageRunner(attention={attention!r}), eager"
     return Case(
-        op="runner",
-        shape=f"{preset}: teacher {t_layers}x{t_width}, student {s_layers}x{s_width}, V={vocab}, {batch}x{length}",
+        op=op,
+        shape=f"{preset}: {_models_label(dims)}",
         dtype=dtype,
         device=device,
         size=size,
         make_inputs=lambda: _inputs(dims, device),
-        impls={way: ConfigurationStep(way, preset, dims, device) for way in ways},
+        impls={way: ConfigurationStep(way, PRESETS[preset], dims, device, attention) for way in ways},
         bytes=0,
-        flops=_flops(preset, dims),
-        configs={
-            "plain": "whole models, output_hidden_states + output_attentions (eager), full logits, eager losses",
-            "fastkd": "StageRunner, eager: stage-aware features, fused losses, fused_linear_kl",
-            "fastkd+graphs": "StageRunner, each stage's step in a CUDA graph",
-        },
+        flops=_flops(PRESETS[preset], dims),
+        configs=configs,
         reference="plain",
         backward=False,
         tolerance=1e-3 if dtype == torch.float32 else 3e-2,
+        opt_in=opt_in,
     )
 
 
-CASES = [runner_case(p, d, s) for d in RUNNER_SIZES for s in RUNNER_SIZES[d] for p in PRESETS]
+# --------------------------------------------------------------------------------------------
+# Long sequences (module docstring): size -> dims as in RUNNER_SIZES; LONGEST: the opt-in L=4096.
+
+LONG_SIZES = {
+    "cpu": {
+        "tiny": ((2, 64), (1, 32), 500, (2, 32), torch.float32),
+        "quick": ((4, 256), (2, 128), 8000, (2, 512), torch.float32),
+        "default": ((4, 256), (2, 128), 8000, (2, 2048), torch.float32),
+    },
+}
+LONGEST = ((4, 256), (2, 128), 8000, (2, 4096), torch.float32)
+
+
+class PlainRatio:
+    """``step``'s losses divided by ``plain``'s on the same batch, each a :class:`ConfigurationStep`
+    with its own models of the same seed. ``plain`` runs once, at the first call (the check's, which
+    is not timed), and is then dropped with its models; ``step`` runs at every call."""
+
+    def __init__(self, step: ConfigurationStep, plain: ConfigurationStep) -> None:
+        self.step, self.plain, self.expected = step, plain, None
+
+    def __call__(self, batch: dict) -> torch.Tensor:
+        if self.expected is None:
+            self.expected = self.plain(batch)
+            self.plain = None
+        return self.step(batch) / self.expected
+
+
+def stage_case(device: str, size: str) -> Case:
+    """A stage with ``att`` alone against one with ``hidden`` alone, ``StageRunner(attention="qk")``."""
+    dims = LONG_SIZES[device][size]
+
+    def ratio(loss: str) -> PlainRatio:
+        stages = ((loss,),)
+        return PlainRatio(ConfigurationStep("fastkd", stages, dims, device, "qk"),
+                          ConfigurationStep("plain", stages, dims, device))
+
+    what = "StageRunner(attention='qk'), one stage {{'{}': 1.0}}; returns its loss over the plain way's " \
+        "(whole models, eager attention, eager loss; run once, at the first call): 1.0 where they agree"
+    return Case(
+        op="runner_stage",
+        shape=f"att alone vs hidden alone: {_models_label(dims)}",
+        dtype=dims[-1],
+        device=device,
+        size=size,
+        make_inputs=lambda: _inputs(dims, device),
+        impls={"hidden": ratio("hidden"), "att": ratio("att")},
+        bytes=0,
+        flops=_flops((("hidden",),), dims),  # the models' work, the same in both stages
+        configs={"hidden": what.format("hidden"), "att": what.format("att")},
+        reference="hidden",
+        backward=False,
+        tolerance=1e-3,
+    )
+
+
+def long_cases() -> list[Case]:
+    cases = []
+    for device, sizes in LONG_SIZES.items():
+        for size, dims in sizes.items():
+            cases.append(stage_case(device, size))
+            if size != "quick":  # the quick suite has the stage comparison only
+                cases += [runner_case(p, device, size, op="runner_long", dims=dims, attention="qk") for p in PRESETS]
+    cases += [
+        runner_case(p, "cpu", "default", op="runner_4096", dims=LONGEST, attention="qk", opt_in=True) for p in PRESETS
+    ]
+    return cases
+
+
+CASES = [runner_case(p, d, s) for d in RUNNER_SIZES for s in RUNNER_SIZES[d] for p in PRESETS] + long_cases()
