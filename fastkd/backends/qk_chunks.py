@@ -3,20 +3,20 @@
 For each batch element and chunk of ``c`` query rows, the scores of both models are formed with
 GEMMs in the accumulation dtype (float32, float64 for float64 inputs)::
 
-    S_s = query_s[b, :, rows] @ key_s[b, :, :keys]^T * scale_s        [H, c, keys]
-    S_t = query_t[b, :, rows] @ key_t[b, :, :keys]^T * scale_t
+    S_s = (query_s[b, :, rows] * scale_s) @ key_s[b, :, :keys]^T        [H, c, keys]
+    S_t = (query_t[b, :, rows] * scale_t) @ key_t[b, :, :keys]^T
 
 with ``-inf`` on the dropped keys (padding, and ``j > i`` when causal; a causal chunk reads only
 the keys up to its last row), and handed to the backend's own ``attention_forward`` /
 ``attention_backward`` for ``kind="scores"``, which give the rows, the stats and ``dKL/dS = q - p``.
 Backward recomputes the chunk's scores and finishes the chain rule with GEMMs::
 
-    dS = grad_rows * (q - p) * scale_s;  grad_q[b, :, rows] = dS @ key_s;  grad_k[b] += dS^T @ query_s
+    dS = (grad_rows * scale_s) (q - p);  grad_q[b, :, rows] = dS @ key_s;  grad_k[b] += dS^T @ query_s
 
 Grouped-query attention folds the ``G = H / H_kv`` query heads of a key head into one GEMM
 (``[H_kv, G * c, d] @ [H_kv, d, keys]``). Memory beyond the inputs and gradients: a few chunks of
-``H * c * keys`` scores, ``c`` chosen so that a chunk holds about ``CHUNK_ELEMENTS`` of them; no
-``[L, L]`` tensor exists.
+``H * c * keys`` scores in buffers reused by every chunk, ``c`` chosen so that a chunk holds about
+``CHUNK_ELEMENTS`` of them; no ``[L, L]`` tensor exists.
 """
 
 from __future__ import annotations
@@ -30,22 +30,14 @@ CHUNK_ELEMENTS = 1 << 20  # scores of one chunk per model: 4 MiB as float32
 
 def _chunks(heads: int, length: int, causal: bool):
     """(first row, end row, keys read) of each query chunk of one batch element."""
-    rows = max(1, min(length, CHUNK_ELEMENTS // max(heads * length, 1)))
+    rows = _chunk_rows(heads, length)
     for start in range(0, length, rows):
         end = min(start + rows, length)
         yield start, end, end if causal else length
 
 
-def _dropped_keys(mask_row, start: int, end: int, keys: int, causal: bool, device) -> torch.Tensor | None:
-    """``[c, keys]`` True where key j is dropped for query row i: padding, or ``j > i`` when causal."""
-    dropped = None
-    if causal:
-        rows = torch.arange(start, end, device=device)[:, None]
-        dropped = torch.arange(keys, device=device)[None, :] > rows
-    if mask_row is not None:
-        padding = (mask_row[:keys] == 0)[None, :]
-        dropped = padding if dropped is None else dropped | padding
-    return dropped
+def _chunk_rows(heads: int, length: int) -> int:
+    return max(1, min(length, CHUNK_ELEMENTS // max(heads * length, 1)))
 
 
 def _grouped(x: torch.Tensor, kv_heads: int) -> torch.Tensor:
@@ -54,23 +46,44 @@ def _grouped(x: torch.Tensor, kv_heads: int) -> torch.Tensor:
     return x.reshape(kv_heads, heads // kv_heads * rows, width)
 
 
-def _scores(query: torch.Tensor, key: torch.Tensor, scale: float, dropped, acc) -> torch.Tensor:
-    """``query [H, c, d] @ key [H_kv, keys, d]^T * scale`` as ``[H, c, keys]``, dropped keys -inf."""
-    heads, rows, _ = query.shape
-    scores = torch.bmm(_grouped(query.to(acc), key.shape[0]), key.to(acc).transpose(1, 2))
-    scores = scores.mul_(scale).view(heads, rows, key.shape[1])
-    return scores if dropped is None else scores.masked_fill_(dropped, -torch.inf)
+class _Scores:
+    """The chunk's scores of one model, ``[H, c, keys]``, in a buffer reused by every chunk (a fresh
+    chunk-sized tensor per chunk would cost page faults where the allocator maps large blocks)::
+
+        S = (query * scale) @ key^T,   -inf on the keys dropped for each row
+
+    ``key`` is ``[H_kv, L, d]``; the scale is applied to the ``c`` query rows, not to the scores."""
+
+    def __init__(self, heads: int, length: int, acc: torch.dtype, device: torch.device):
+        self.buffer = torch.empty(heads * _chunk_rows(heads, length) * length, dtype=acc, device=device)
+
+    def __call__(self, query, key, scale, start, end, keys, padding, causal) -> torch.Tensor:
+        heads, rows, _ = query.shape
+        kv_heads = key.shape[0]
+        out = self.buffer[: heads * rows * keys].view(kv_heads, heads // kv_heads * rows, keys)
+        acc = self.buffer.dtype
+        torch.bmm(_grouped(query.to(acc) * scale, kv_heads), key[:, :keys].to(acc).transpose(1, 2), out=out)
+        scores = out.view(heads, rows, keys)
+        if padding is not None:
+            scores.masked_fill_(padding[:keys], -torch.inf)
+        if causal:  # keys below the chunk's first row are all kept: only its diagonal block has future keys
+            future = torch.ones(rows, rows, dtype=torch.bool, device=scores.device).triu_(1)
+            scores[:, :, start:end].masked_fill_(future, -torch.inf)
+        return scores
 
 
 def _pair_chunks(query_s, key_s, query_t, key_t, scale_s, scale_t, mask, causal):
-    """(b, first row, end row, keys, S_s, S_t) over the chunks of one pair; S as ``[1, H, c, keys]``."""
+    """(b, first row, end row, keys, S_s, S_t) over the chunks of one pair; S as ``[1, H, c, keys]``,
+    valid until the next chunk is formed."""
     batch, heads, length, _ = query_s.shape
     acc = acc_dtype(query_s, key_s, query_t, key_t)
+    scores_s = _Scores(heads, length, acc, query_s.device)
+    scores_t = _Scores(heads, length, acc, query_s.device)
     for b in range(batch):
+        padding = None if mask is None else mask[b] == 0
         for start, end, keys in _chunks(heads, length, causal):
-            dropped = _dropped_keys(None if mask is None else mask[b], start, end, keys, causal, query_s.device)
-            s = _scores(query_s[b, :, start:end], key_s[b, :, :keys], scale_s, dropped, acc)
-            t = _scores(query_t[b, :, start:end], key_t[b, :, :keys], scale_t, dropped, acc)
+            s = scores_s(query_s[b, :, start:end], key_s[b], scale_s, start, end, keys, padding, causal)
+            t = scores_t(query_t[b, :, start:end], key_t[b], scale_t, start, end, keys, padding, causal)
             yield b, start, end, keys, s[None], t[None]
 
 
@@ -119,9 +132,9 @@ def attention_qk_backward(attention_backward, student_q, student_k, teacher_q, t
         chunks = _pair_chunks(query_s, key_s, query_t, key_t, scale_s, scales[2 * i + 1], mask, causal)
         for b, start, end, keys, s, t in chunks:
             chunk_stats = pair_stats[:, b, :, start:end].reshape(2, -1)
-            chunk_grad_rows = pair_grad_rows[b, :, start:end].reshape(-1)
+            chunk_grad_rows = pair_grad_rows[b, :, start:end].reshape(-1) * scale_s
             d_scores = attention_backward([s], [t], None, "scores", chunk_stats, chunk_grad_rows)[0][0]
-            d_scores = _grouped(d_scores.mul_(scale_s), key_s.shape[1])  # [H_kv, G * c, keys]
+            d_scores = _grouped(d_scores, key_s.shape[1])  # [H_kv, G * c, keys]
             key = key_s[b, :, :keys].to(acc)
             grad_q[b, :, start:end] = torch.bmm(d_scores, key).view(heads, end - start, -1)
             query = _grouped(query_s[b, :, start:end].to(acc), key_s.shape[1])
