@@ -145,15 +145,6 @@ def logit_backward(student, teacher, mask, temperature, stats, grad_rows):
     return _ops().logit_backward(student, teacher, mask, float(temperature), stats, grad_rows)
 
 
-def attention_qk_forward(student_q, student_k, teacher_q, teacher_k, scales, mask, causal):
-    """rows and stats of kind="scores" for S = query key^T * scale, from query chunks of scores
-    (``fastkd.backends.qk_chunks``) through this backend's ``attention_forward``."""
-    return qk_chunks.attention_qk_forward(attention_forward, student_q, student_k, teacher_q, teacher_k, scales,
-                                          mask, causal)
 
-
-def attention_qk_backward(student_q, student_k, teacher_q, teacher_k, scales, mask, causal, stats, grad_rows):
-    """(grads of the student's queries, of its keys): dS = grad_rows (q - p) scale_s, dq = dS key,
-    dk = dS^T query, chunk by chunk through this backend's ``attention_backward``."""
-    return qk_chunks.attention_qk_backward(attention_backward, student_q, student_k, teacher_q, teacher_k, scales,
-                                           mask, causal, stats, grad_rows)
+# attention_kl_qk: query chunks of scores through this backend's attention_forward/backward
+attention_qk_forward, attention_qk_backward = qk_chunks.through(attention_forward, attention_backward)

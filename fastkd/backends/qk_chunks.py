@@ -143,3 +143,19 @@ def attention_qk_backward(attention_backward, student_q, student_k, teacher_q, t
         grads_k.append(grad_k.to(key_s.dtype))
         offset += count
     return grads_q, grads_k
+
+
+def through(attention_forward, attention_backward):
+    """A backend's ``(attention_qk_forward, attention_qk_backward)`` built on its own row kernels."""
+
+    def qk_forward(student_q, student_k, teacher_q, teacher_k, scales, mask, causal):
+        """rows and stats of kind="scores" for S = query key^T * scale, chunk by chunk."""
+        return attention_qk_forward(attention_forward, student_q, student_k, teacher_q, teacher_k, scales, mask,
+                                    causal)
+
+    def qk_backward(student_q, student_k, teacher_q, teacher_k, scales, mask, causal, stats, grad_rows):
+        """(grads of the student's queries, of its keys), chunk by chunk."""
+        return attention_qk_backward(attention_backward, student_q, student_k, teacher_q, teacher_k, scales, mask,
+                                     causal, stats, grad_rows)
+
+    return qk_forward, qk_backward

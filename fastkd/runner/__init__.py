@@ -12,8 +12,8 @@ plain way it is measured against.
 """
 
 from fastkd.runner.metrics import Metrics, NonFiniteLossError
-from fastkd.runner.models import Features, ModelAdapter
+from fastkd.runner.models import AttentionInputs, Features, ModelAdapter
 from fastkd.runner.runner import StageRunner
 from fastkd.runner.schedule import Schedule, Stage
 
-__all__ = ["Features", "Metrics", "ModelAdapter", "NonFiniteLossError", "Schedule", "Stage", "StageRunner"]
+__all__ = ["AttentionInputs", "Features", "Metrics", "ModelAdapter", "NonFiniteLossError", "Schedule", "Stage", "StageRunner"]
