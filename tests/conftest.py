@@ -13,6 +13,8 @@ import zlib
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 CUDA = torch.cuda.is_available()
 if not CUDA:
@@ -83,3 +85,32 @@ def nan_empty(monkeypatch):
 
     monkeypatch.setattr(torch, "empty", lambda *a, **k: poisoned(empty(*a, **k)))
     monkeypatch.setattr(torch, "empty_like", lambda *a, **k: poisoned(empty_like(*a, **k)))
+
+
+# Host synchronisations a dispatch mode can see.
+SYNC_OPS = {"aten::_local_scalar_dense", "aten::nonzero", "aten::equal", "aten::is_nonzero", "aten::item"}
+
+
+class Recorder(TorchDispatchMode):
+    """Records (op name, bytes) of every tensor an op produces, and the ops' names. The custom ops
+    named in ``bodies`` are run through their Python bodies under this mode, so that the ops inside
+    them are recorded too. Sizes are in bytes because Triton's interpreter views storages as uint8."""
+
+    def __init__(self, bodies: dict):
+        super().__init__()
+        self.bodies = bodies
+        self.produced: list[tuple[str, int]] = []
+        self.ops: set[str] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = func._schema.name
+        self.ops.add(name)
+        if name in self.bodies:
+            with self:
+                return self.bodies[name](*args, **kwargs)
+        out = func(*args, **kwargs)
+        self.produced += [
+            (name, x.numel() * x.element_size()) for x in tree_leaves(out) if isinstance(x, torch.Tensor)
+        ]
+        return out

@@ -11,13 +11,11 @@ import re
 
 import pytest
 import torch
-from conftest import NEEDS_CUDA, compile_cases
+from conftest import NEEDS_CUDA, SYNC_OPS, Recorder, compile_cases
 from reference import assert_close, attention_qk_rows, reduce, rel_err, relation_rows
-from test_fused_linear import SYNC_OPS
-from torch.utils._pytree import tree_leaves
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastkd
+from fastkd import attention_qk
 from fastkd.backends import qk_chunks
 
 
@@ -243,35 +241,11 @@ def test_relation_kl_single_pair_is_the_qk_loss_of_the_split(device):
 # memory and host synchronisation
 
 
-class Recorder(TorchDispatchMode):
-    """(op, bytes) of every tensor an op produces, with the custom ops run through their Python
-    bodies so that the ops inside them are seen too. Bytes, because Triton's interpreter views
-    storages as uint8."""
-
-    def __init__(self):
-        super().__init__()
-        self.produced: list[tuple[str, int]] = []
-        self.ops: set[str] = set()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        name = func._schema.name
-        self.ops.add(name)
-        if name.startswith("fastkd::"):
-            with self:
-                return _body(name)(*args, **kwargs)
-        out = func(*args, **kwargs)
-        self.produced += [(name, x.numel() * x.element_size()) for x in tree_leaves(out) if isinstance(x, torch.Tensor)]
-        return out
-
-
-def _body(name):
-    from fastkd import attention_qk
-
-    return {
+def recorder() -> Recorder:
+    return Recorder({
         "fastkd::attention_kl_qk_rows": attention_qk.attention_kl_qk_rows._init_fn,
         "fastkd::attention_kl_qk_rows_backward": attention_qk.attention_kl_qk_rows_backward._init_fn,
-    }[name]
+    })
 
 
 def test_no_length_by_length_tensor(device, monkeypatch):
@@ -281,7 +255,7 @@ def test_no_length_by_length_tensor(device, monkeypatch):
     monkeypatch.setattr(qk_chunks, "CHUNK_ELEMENTS", heads * 16 * length)
     q_s, k_s, q_t, k_t = qk_inputs(device, batch=batch, heads=heads, length=length, kv_s=1, kv_t=2, d_s=8, d_t=8)
     mask = padding_mask(batch, length, device)
-    with Recorder() as rec:
+    with recorder() as rec:
         loss = fastkd.attention_kl_qk(q_s, k_s, q_t, k_t, mask=mask, causal=True)
         loss.backward(torch.tensor(0.5, device=device))
     assert {"fastkd::attention_kl_qk_rows", "fastkd::attention_kl_qk_rows_backward"} <= rec.ops, \
@@ -295,7 +269,7 @@ def test_no_length_by_length_tensor(device, monkeypatch):
 def test_recorder_sees_a_map():
     """The recorder catches the maps path's ``[B, H, L, L]`` scores (the test above can fail)."""
     q_s, k_s, _, _ = qk_inputs("cpu", batch=1, heads=2, length=64, kv_s=2, d_s=8)
-    with Recorder() as rec:
+    with recorder() as rec:
         q_s @ k_s.transpose(-1, -2)
     assert max(n for _, n in rec.produced) == 2 * 64 * 64 * 4
 

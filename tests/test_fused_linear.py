@@ -7,10 +7,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import compile_cases
+from conftest import SYNC_OPS, Recorder, compile_cases
 from reference import assert_close, logit_rows, reduce, rel_err
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 
 import fastkd
 from fastkd.fused_linear import (
@@ -246,31 +244,8 @@ def test_default_chunk_size():
 # --------------------------------------------------------------------------------------------
 # No [tokens, V] tensor and no host synchronisation: every tensor an op produces is recorded.
 
-SYNC_OPS = {"aten::_local_scalar_dense", "aten::nonzero", "aten::equal", "aten::is_nonzero", "aten::item"}
-
-
-class Recorder(TorchDispatchMode):
-    """Records (op name, bytes) of every tensor produced. The op ``fastkd::fused_linear_kl`` is
-    run through its Python body under this mode, so that the ops inside it are recorded too.
-    Sizes are in bytes because Triton's interpreter views storages as uint8 tensors."""
-
-    def __init__(self):
-        super().__init__()
-        self.produced: list[tuple[str, int]] = []
-        self.ops: set[str] = set()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        name = func._schema.name
-        self.ops.add(name)
-        if name == "fastkd::fused_linear_kl":
-            with self:
-                return fused_linear_kl_forward(*args, **kwargs)
-        out = func(*args, **kwargs)
-        self.produced += [
-            (name, x.numel() * x.element_size()) for x in tree_leaves(out) if isinstance(x, torch.Tensor)
-        ]
-        return out
+def recorder() -> Recorder:
+    return Recorder({"fastkd::fused_linear_kl": fused_linear_kl_forward})
 
 
 def test_no_tokens_by_vocab_tensor(device):
@@ -279,7 +254,7 @@ def test_no_tokens_by_vocab_tensor(device):
     tokens, vocab = 64, 97
     inputs = make_inputs(device, lead=(4, 16), d_s=8, d_t=12, vocab=vocab)
     mask = (torch.rand(4, 16) < 0.8).to(device)
-    with Recorder() as rec:
+    with recorder() as rec:
         loss = fused_linear_kl(**inputs, temperature=2.0, mask=mask, chunk_size=16)
         loss.backward(torch.tensor(0.5, device=device))
     assert "fastkd::fused_linear_kl" in rec.ops, "the op was not recorded: the test would prove nothing"
@@ -293,7 +268,7 @@ def test_no_tokens_by_vocab_tensor(device):
 def test_recorder_sees_materialised_logits():
     """The recorder catches the eager formula's ``[tokens, V]`` logits (the test above can fail)."""
     inputs = make_inputs("cpu", lead=(64,), d_s=8, d_t=12, vocab=97)
-    with Recorder() as rec:
+    with recorder() as rec:
         s = inputs["student_hidden"].bfloat16() @ inputs["student_weight"].T.bfloat16()
     assert max(n for _, n in rec.produced) == s.numel() * 2 == 64 * 97 * 2
 
