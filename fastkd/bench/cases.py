@@ -437,7 +437,7 @@ QK_CONFIGS = {
     "forward + backward, padding ignored: the cost of one tiled attention pass",
 }
 
-# device -> size -> [(shape, dtype)]. CPU default: the B=2, H=8, L=2048, d=64 float32 (no
+# device -> size -> [(shape, dtype)]. CPU default: B=2, H=8, L=2048, d=64 float32 (no
 # causal variant: the default suite's time); tiny: the paths (GQA, d_s != d_t, causal, padding).
 _QK_TINY = [
     QKShape(2, 4, 32, 8, d_t=12, kv_heads=2, causal=True, padded=True),
