@@ -573,7 +573,7 @@ def _qk_load(p_x, o_rows, m_rows, width, BLOCK_D: tl.constexpr, DOT: tl.constexp
 def _qk_scores(b_query, b_key, scale, ACC: tl.constexpr):
     """``b_query [M, d] @ b_key [N, d]^T * scale`` in ACC, summed in float32 (float64 blocks: float64);
     half blocks multiply exactly on tensor cores, float32 ones in full float32 ("ieee", not tf32)."""
-    return tl.dot(b_query, tl.trans(b_key), input_precision="ieee").to(ACC) * scale
+    return tl.dot(b_query, tl.trans(b_key), input_precision="ieee", out_dtype=ACC) * scale
 
 
 @triton.jit
@@ -709,7 +709,7 @@ def _attention_qk_query_grad_kernel(
         b_s = _qk_scores(b_query_s, b_key_s, scale_s, ACC)
         b_t = _qk_scores(b_query_t, _qk_load(p_key_t, o_n, o_n < L, D_t, BLOCK_DT, T_DOT), scale_t, ACC)
         b_ds = _qk_d_scores(b_s, b_t, lse_s_hi, lse_s_lo, lse_t_hi, lse_t_lo, b_scale, m_keep)
-        acc = tl.dot(b_ds, b_key_s.to(ACC), acc, input_precision=GRAD_PRECISION)
+        acc = tl.dot(b_ds, b_key_s.to(ACC), acc, input_precision=GRAD_PRECISION, out_dtype=ACC)
     o_d = tl.arange(0, BLOCK_DS)
     tl.store(p_grad_query + bh * L * D_s + o_m[:, None] * D_s + o_d[None, :], acc.to(p_grad_query.dtype.element_ty),
              mask=m_rows[:, None] & (o_d < D_s)[None, :])
@@ -756,7 +756,7 @@ def _attention_qk_key_grad_kernel(
             b_t = _qk_scores(_qk_load(p_head_query_t, o_m, m_valid, D_t, BLOCK_DT, T_DOT), b_key_t, scale_t, ACC)
             m_keep = _qk_kept(o_m, o_n, m_valid, m_keys, CAUSAL)
             b_ds = _qk_d_scores(b_s, b_t, lse_s_hi, lse_s_lo, lse_t_hi, lse_t_lo, b_scale, m_keep)
-            acc = tl.dot(tl.trans(b_ds), b_query_s.to(ACC), acc, input_precision=GRAD_PRECISION)
+            acc = tl.dot(tl.trans(b_ds), b_query_s.to(ACC), acc, input_precision=GRAD_PRECISION, out_dtype=ACC)
     o_d = tl.arange(0, BLOCK_DS)
     tl.store(p_grad_key + bh_kv * L * D_s + o_n[:, None] * D_s + o_d[None, :], acc.to(p_grad_key.dtype.element_ty),
              mask=(o_n < L)[:, None] & (o_d < D_s)[None, :])
