@@ -75,22 +75,30 @@ def check_pair(
         raise ValueError(f"{t_name}: on {teacher.device}, but {s_name} is on {student.device}")
 
 
+def as_layer_lists(**named: object) -> tuple[dict[str, list[torch.Tensor]], bool]:
+    """The named arguments all tensors, or all sequences of one non-zero length (layer pairs):
+    ({name: list of tensors}, is_sequence)."""
+    sequences = {name: isinstance(x, (list, tuple)) for name, x in named.items()}
+    if len(set(sequences.values())) != 1:
+        count = {2: "two", 4: "four"}.get(len(named), str(len(named)))
+        kinds = ", ".join(f"{name}: {type(x).__name__}" for name, x in named.items())
+        raise TypeError(f"{', '.join(named)}: expected {count} tensors or {count} sequences of tensors, got {kinds}")
+    if not next(iter(sequences.values())):
+        return {name: [x] for name, x in named.items()}, False
+    lengths = {name: len(x) for name, x in named.items()}
+    first, length = next(iter(lengths.items()))
+    for name, other in lengths.items():
+        if other != length:
+            raise ValueError(f"{name}: got {other} layers, but {first} has {length}")
+    if length == 0:
+        raise ValueError(f"{first}: expected at least one layer pair, got an empty sequence")
+    return {name: list(x) for name, x in named.items()}, True
+
+
 def as_pair_lists(student: object, teacher: object) -> tuple[list[torch.Tensor], list[torch.Tensor], bool]:
     """Both tensors, or both sequences of equal, non-zero length: (students, teachers, is_sequence)."""
-    student_seq = isinstance(student, (list, tuple))
-    teacher_seq = isinstance(teacher, (list, tuple))
-    if student_seq != teacher_seq:
-        raise TypeError(
-            f"student, teacher: expected two tensors or two sequences of tensors, got "
-            f"{type(student).__name__} and {type(teacher).__name__}"
-        )
-    if not student_seq:
-        return [student], [teacher], False
-    if len(student) != len(teacher):
-        raise ValueError(f"teacher: got {len(teacher)} layers, but student has {len(student)}")
-    if len(student) == 0:
-        raise ValueError("student: expected at least one layer pair, got an empty sequence")
-    return list(student), list(teacher), True
+    layers, is_sequence = as_layer_lists(student=student, teacher=teacher)
+    return layers["student"], layers["teacher"], is_sequence
 
 
 def check_one_device(students: list[torch.Tensor]) -> torch.device:

@@ -16,7 +16,14 @@ import torch
 from fastkd import _backend
 from fastkd._layout import acc_dtype
 from fastkd._reduction import reduce_rows
-from fastkd._validation import check_float_tensor, check_mask, check_one_device, check_reduction
+from fastkd._validation import (
+    as_layer_lists,
+    as_pair_lists,
+    check_float_tensor,
+    check_mask,
+    check_one_device,
+    check_reduction,
+)
 
 
 @torch.library.custom_op("fastkd::attention_kl_qk_rows", mutates_args=())
@@ -92,24 +99,6 @@ def _backward(ctx, grad_rows, grad_stats):
 attention_kl_qk_rows.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _as_layer_lists(**named) -> tuple[dict[str, list[torch.Tensor]], bool]:
-    """Four tensors, or four sequences of one non-zero length: ({name: list}, is_sequence)."""
-    sequences = {name: isinstance(x, (list, tuple)) for name, x in named.items()}
-    if len(set(sequences.values())) != 1:
-        kinds = ", ".join(f"{name}: {type(x).__name__}" for name, x in named.items())
-        raise TypeError(f"expected four tensors or four sequences of tensors, got {kinds}")
-    if not next(iter(sequences.values())):
-        return {name: [x] for name, x in named.items()}, False
-    lengths = {name: len(x) for name, x in named.items()}
-    first, count = next(iter(lengths.items()))
-    for name, length in lengths.items():
-        if length != count:
-            raise ValueError(f"{name}: got {length} layers, but {first} has {count}")
-    if count == 0:
-        raise ValueError(f"{first}: expected at least one layer pair, got an empty sequence")
-    return {name: list(x) for name, x in named.items()}, True
-
-
 def _check_side(role: str, query: object, key: object, layer: str) -> None:
     """``{role}_q [B, H, L, d]`` and ``{role}_k [B, H_kv, L, d]`` with ``H % H_kv == 0``, one dtype."""
     check_float_tensor(f"{role}_q", query)
@@ -166,7 +155,7 @@ def attention_kl_qk(
     ``student_q`` and ``student_k``; the teacher is a constant. Memory: ``O(B H L)`` statistics
     besides the inputs, never an ``[L, L]`` tensor per head on GPU (a bounded chunk of rows on CPU).
     """
-    layers, is_sequence = _as_layer_lists(
+    layers, is_sequence = as_layer_lists(
         student_q=student_q, student_k=student_k, teacher_q=teacher_q, teacher_k=teacher_k
     )
     if not isinstance(causal, bool):
@@ -228,9 +217,9 @@ def relation_kl(student, teacher, *, relation_heads: int, mask=None, causal: boo
         raise TypeError(f"relation_heads: expected an int, got {type(relation_heads).__name__}")
     if relation_heads < 1:
         raise ValueError(f"relation_heads: expected a positive number of heads, got {relation_heads}")
-    layers, is_sequence = _as_layer_lists(student=student, teacher=teacher)
+    student_layers, teacher_layers, is_sequence = as_pair_lists(student, teacher)
     students, teachers = [], []
-    for i, (s, t) in enumerate(zip(layers["student"], layers["teacher"])):
+    for i, (s, t) in enumerate(zip(student_layers, teacher_layers)):
         layer = f"[{i}]" if is_sequence else ""
         students.append(_relation_heads("student", s, relation_heads, layer))
         teachers.append(_relation_heads("teacher", t, relation_heads, layer))
