@@ -23,6 +23,7 @@
 #include <limits>
 #include <optional>
 #include <type_traits>
+#include <vector>
 
 #ifdef __linux__
 #include <sys/mman.h>
@@ -238,6 +239,12 @@ inline at::Tensor concat_rows(const std::vector<at::Tensor>& pieces) {
   return pieces.size() == 1 ? pieces[0] : at::cat(pieces, -1);
 }
 
+// Pair rows [offset, offset + count) of grad_rows (d loss / d rows of all pairs), contiguous acc.
+inline at::Tensor pair_rows(const at::Tensor& grad_rows, int64_t offset, int64_t count,
+                            at::ScalarType acc) {
+  return grad_rows.reshape(-1).narrow(0, offset, count).to(acc).contiguous();
+}
+
 inline void check_input(const at::Tensor& x, int64_t dim, const char* name) {
   TORCH_CHECK(x.is_cpu(), "fastkd native: ", name, " must be a CPU tensor");
   TORCH_CHECK(x.dim() == dim, "fastkd native: ", name, " must have ", dim, " dims, got ",
@@ -274,6 +281,33 @@ struct SoftmaxKL {
 
   // Adds n entries: s_k = scale * s_raw[k], t_k = scale * t_raw[k] (scale > 0).
   void add(const acc_t* s_raw, const acc_t* t_raw, int64_t n, acc_t scale) {
+    add_block<false>(s_raw, t_raw, n, scale, nullptr, nullptr);
+  }
+
+  // The same, and stores the entries' exps relative to the running maxima after this block:
+  //   exps_s[k] = exp(s_k - shift_s()),  exps_t[k] = exp(t_k - shift_t())
+  // (the exps the sums are made of; 0 where an entry is -inf).
+  void add(const acc_t* s_raw, const acc_t* t_raw, int64_t n, acc_t scale, acc_t* exps_s,
+           acc_t* exps_t) {
+    add_block<true>(s_raw, t_raw, n, scale, exps_s, exps_t);
+  }
+
+  // What exps are taken relative to: the running maximum, 0 while it is -inf (no entry yet).
+  acc_t shift_s() const { return max_s == kNegInf ? acc_t(0) : max_s; }
+  acc_t shift_t() const { return max_t == kNegInf ? acc_t(0) : max_t; }
+
+  // Whether the teacher has an entry (a finite maximum); a row without one contributes nothing.
+  bool teacher_has_entries() const { return max_t != kNegInf; }
+  // The log-sum-exps in float64: a float32 lse would be off by half an ulp of |s|, and every
+  // exp(s - lse) of the backward pass with it.
+  double lse_s() const { return static_cast<double>(max_s) + std::log(static_cast<double>(sum_s)); }
+  double lse_t() const { return static_cast<double>(max_t) + std::log(static_cast<double>(sum_t)); }
+  acc_t kl() const { return cross / sum_t + (max_s - max_t) + std::log(sum_s / sum_t); }
+
+ private:
+  template <bool kStoreExps>
+  void add_block(const acc_t* s_raw, const acc_t* t_raw, int64_t n, acc_t scale, acc_t* exps_s,
+                 acc_t* exps_t) {
     Vec block_max_s(kNegInf), block_max_t(kNegInf);
     int64_t k = 0;
     for (; k + Vec::size() <= n; k += Vec::size()) {
@@ -285,43 +319,99 @@ struct SoftmaxKL {
       block_max_t = at::vec::clamp_min(load_tail(t_raw + k, n - k, kNegInf), block_max_t);
     }
     // scale > 0, so the maximum of the scaled values is the scaled maximum, rounding included.
-    const acc_t new_max_s = std::max(max_s, reduce_max(block_max_s) * scale);
-    const acc_t new_max_t = std::max(max_t, reduce_max(block_max_t) * scale);
+    const acc_t old_max_s = max_s, old_max_t = max_t;
+    max_s = std::max(max_s, reduce_max(block_max_s) * scale);
+    max_t = std::max(max_t, reduce_max(block_max_t) * scale);
     // exp(scale * x - shift) as one fused multiply-add; cross is summed unscaled, scaled below.
-    const Vec neg_shift_s(new_max_s == kNegInf ? acc_t(0) : -new_max_s);
-    const Vec neg_shift_t(new_max_t == kNegInf ? acc_t(0) : -new_max_t);
+    const Vec neg_shift_s(-shift_s()), neg_shift_t(-shift_t());
     const Vec vscale(scale), zero(0);
     Vec block_sum_s(0), block_sum_t(0), block_cross(0);
-    auto accumulate = [&](const Vec& s, const Vec& t) {
+    auto accumulate = [&](const Vec& s, const Vec& t, int64_t pos, int64_t len) {
+      const Vec e_s = vexp(at::vec::fmadd(s, vscale, neg_shift_s));
       const Vec e_t = vexp(at::vec::fmadd(t, vscale, neg_shift_t));
-      block_sum_s = block_sum_s + vexp(at::vec::fmadd(s, vscale, neg_shift_s));
+      block_sum_s = block_sum_s + e_s;
       block_sum_t = block_sum_t + e_t;
       block_cross = at::vec::fmadd(e_t, Vec::blendv(t - s, zero, e_t == zero), block_cross);
+      if constexpr (kStoreExps) {
+        e_s.store(exps_s + pos, len);
+        e_t.store(exps_t + pos, len);
+      }
     };
     for (k = 0; k + Vec::size() <= n; k += Vec::size()) {
       prefetch_next_block(s_raw + k);
       prefetch_next_block(t_raw + k);
-      accumulate(Vec::loadu(s_raw + k), Vec::loadu(t_raw + k));
+      accumulate(Vec::loadu(s_raw + k), Vec::loadu(t_raw + k), k, Vec::size());
     }
     if (k < n) {
-      accumulate(load_tail(s_raw + k, n - k, kNegInf), load_tail(t_raw + k, n - k, kNegInf));
+      accumulate(load_tail(s_raw + k, n - k, kNegInf), load_tail(t_raw + k, n - k, kNegInf), k,
+                 n - k);
     }
-    const acc_t rescale_s = max_s == kNegInf ? acc_t(0) : std::exp(max_s - new_max_s);
-    const acc_t rescale_t = max_t == kNegInf ? acc_t(0) : std::exp(max_t - new_max_t);
+    const acc_t rescale_s = old_max_s == kNegInf ? acc_t(0) : std::exp(old_max_s - max_s);
+    const acc_t rescale_t = old_max_t == kNegInf ? acc_t(0) : std::exp(old_max_t - max_t);
     sum_s = sum_s * rescale_s + reduce_sum(block_sum_s);
     sum_t = sum_t * rescale_t + reduce_sum(block_sum_t);
     cross = cross * rescale_t + scale * reduce_sum(block_cross);
-    max_s = new_max_s;
-    max_t = new_max_t;
+  }
+};
+
+// The one-pass gradient of SoftmaxKL (fastkd._one_pass) over a row of cols entries walked in
+// blocks of kBlock: add hands a block to SoftmaxKL::add, which stores the block's exps here (a
+// per-thread scratch of 2 x cols values, reused row after row, small enough to stay in cache), and
+// records the block's shifts; after the row, write_grad turns the stored exps into
+//   out_k = g (q_k - p_k),
+//   q_k = exps_s[k] exp(shift_s_b - max_s) / sum_s,
+//   p_k = exps_t[k] exp(shift_t_b - max_t) / sum_t,
+// b the block of k. An entry costs 2 exps (forward and backward: 4), and s, t are read from memory
+// once (forward and backward: twice).
+template <typename acc_t>
+class SoftmaxKLScratch {
+ public:
+  explicit SoftmaxKLScratch(int64_t cols)
+      : cols_(cols), exps_(2 * cols), shifts_(2 * ((cols + kBlock - 1) / kBlock)) {}
+
+  // kl.add of the n entries of the block at column c (a multiple of kBlock), keeping their exps.
+  void add(SoftmaxKL<acc_t>& kl, int64_t c, const acc_t* s_raw, const acc_t* t_raw, int64_t n,
+           acc_t scale) {
+    kl.add(s_raw, t_raw, n, scale, exps_.data() + c, exps_.data() + cols_ + c);
+    shifts_[2 * (c / kBlock)] = kl.shift_s();
+    shifts_[2 * (c / kBlock) + 1] = kl.shift_t();
   }
 
-  // Whether the teacher has an entry (a finite maximum); a row without one contributes nothing.
-  bool teacher_has_entries() const { return max_t != kNegInf; }
-  // The log-sum-exps in float64: a float32 lse would be off by half an ulp of |s|, and every
-  // exp(s - lse) of the backward pass with it.
-  double lse_s() const { return static_cast<double>(max_s) + std::log(static_cast<double>(sum_s)); }
-  double lse_t() const { return static_cast<double>(max_t) + std::log(static_cast<double>(sum_t)); }
-  acc_t kl() const { return cross / sum_t + (max_s - max_t) + std::log(sum_s / sum_t); }
+  // grad_row = g (q - p), in grad_row's type, once every block of the row went through add (buf_g:
+  // kBlock values for the conversion).
+  template <typename s_t>
+  void write_grad(const SoftmaxKL<acc_t>& kl, double g, s_t* grad_row, acc_t* buf_g) const {
+    using Vec = Vectorized<acc_t>;
+    // g exp(shift_b - max) / sum per block, in float64: one rounding, none where shift_b is max.
+    const double g_s = g / static_cast<double>(kl.sum_s), g_t = g / static_cast<double>(kl.sum_t);
+    auto coefficient = [](double g_x, acc_t shift, acc_t max) {
+      return static_cast<acc_t>(
+          shift == max ? g_x
+                       : g_x * std::exp(static_cast<double>(shift) - static_cast<double>(max)));
+    };
+    for (int64_t c = 0; c < cols_; c += kBlock) {
+      const int64_t n = std::min(kBlock, cols_ - c);
+      const acc_t* e_s = exps_.data() + c;
+      const acc_t* e_t = exps_.data() + cols_ + c;
+      const Vec coef_s(coefficient(g_s, shifts_[2 * (c / kBlock)], kl.max_s));
+      const Vec coef_t(coefficient(g_t, shifts_[2 * (c / kBlock) + 1], kl.max_t));
+      acc_t* out = out_block<acc_t>(grad_row + c, buf_g);
+      int64_t k = 0;
+      for (; k + Vec::size() <= n; k += Vec::size()) {
+        at::vec::fmsub(Vec::loadu(e_s + k), coef_s, Vec::loadu(e_t + k) * coef_t).store(out + k);
+      }
+      if (k < n) {
+        at::vec::fmsub(Vec::loadu(e_s + k, n - k), coef_s, Vec::loadu(e_t + k, n - k) * coef_t)
+            .store(out + k, n - k);
+      }
+      store_block(out, grad_row + c, n);
+    }
+  }
+
+ private:
+  int64_t cols_;
+  std::vector<acc_t> exps_;    // exps_s at [0, cols), exps_t at [cols, 2 cols)
+  std::vector<acc_t> shifts_;  // shift_s, shift_t of each block
 };
 
 // The log-sum-exp of no entry: the stats of a row that contributes nothing (see fastkd.backends).

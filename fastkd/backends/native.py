@@ -10,7 +10,9 @@ semantics of ``fastkd.backends``, call them.
 
 Each kernel reads a row's teacher and student values once in the forward pass (online log-sum-exp
 where a softmax is involved) and once more in the backward pass, vectorised with
-``at::vec::Vectorized`` and spread over rows with ``at::parallel_for``.
+``at::vec::Vectorized`` and spread over rows with ``at::parallel_for``. The one-pass functions
+(``*_forward_with_grad``, see ``fastkd._one_pass``) read them once in all: the forward sweep also
+writes the gradient (softmax rows keep their exps in a per-thread scratch that stays in cache).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import torch
 
 from fastkd.backends import qk_chunks
 
-SOURCES = ("hidden.cpp", "attention.cpp", "logit.cpp")
+SOURCES = ("hidden.cpp", "attention.cpp", "logit.cpp", "gradients.cpp")
 HEADERS = ("rows.h",)
 
 # Compiler flags per ATen CPU capability: the same instruction sets as ATen's own kernels.
@@ -121,6 +123,12 @@ def hidden_backward(students, teachers, mask, grad_rows):
     return _ops().hidden_backward(list(students), list(teachers), mask, grad_rows)
 
 
+def hidden_forward_with_grad(students, teachers, mask, grad_rows):
+    """(rows, grads) of hidden_forward and hidden_backward in one sweep: d = s - t gives
+    rows = sum_d d^2 / D and grad = grad_rows * 2 d / D from the same loads; masked rows 0."""
+    return _ops().hidden_forward_with_grad(list(students), list(teachers), mask, grad_rows)
+
+
 def attention_forward(students, teachers, mask, kind):
     """rows = sum_k p_k (log p_k - log q_k) per query row, pairs concatenated; stats = lses for
     kind="scores" ([2, 0] for "probs"); see fastkd.attention."""
@@ -134,6 +142,15 @@ def attention_backward(students, teachers, mask, kind, stats, grad_rows):
     )
 
 
+def attention_forward_with_grad(students, teachers, mask, kind, grad_rows):
+    """(rows, grads) of attention_forward and attention_backward in one sweep: probs: kl and
+    grad_rows * (-p / q) (p > 0, q >= tiny) from the same loads; scores: grad_rows * (q - p) on kept
+    keys from the exps of the forward's online softmax, kept per row in cache."""
+    return _ops().attention_forward_with_grad(
+        list(students), list(teachers), mask, kind == "scores", grad_rows
+    )
+
+
 def logit_forward(student, teacher, mask, temperature):
     """rows = T^2 sum_v p_v (log p_v - log q_v), p = softmax(t / T), q = softmax(s / T);
     stats = float64 [lse(s / T), lse(t / T)]."""
@@ -144,6 +161,18 @@ def logit_backward(student, teacher, mask, temperature, stats, grad_rows):
     """d rows / d s = T (q - p), times grad_rows; 0 on masked rows."""
     return _ops().logit_backward(student, teacher, mask, float(temperature), stats, grad_rows)
 
+
+def logit_forward_with_grad(student, teacher, mask, temperature, grad_rows):
+    """(rows, grad) of logit_forward and logit_backward in one sweep: grad = grad_rows * T (q - p),
+    q = e_s exp(shift_s - max_s) / sum_s, p likewise, from the exps e = exp(x / T - shift) of the
+    online softmax, kept per row in cache; 0 on rows that contribute nothing."""
+    return _ops().logit_forward_with_grad(student, teacher, mask, float(temperature), grad_rows)
+
+
+def scale_gradients_(grads, upstream, expected):
+    """grads *= upstream / expected in place (0 where expected == 0); nothing read or written when
+    upstream == expected. upstream, expected: 0-d float32/float64 tensors, read by the kernel."""
+    _ops().scale_gradients_(list(grads), upstream, expected)
 
 
 # attention_kl_qk: query chunks of scores through this backend's attention_forward/backward
