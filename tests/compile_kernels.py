@@ -3,7 +3,9 @@
     python tests/compile_kernels.py 90 80        (the compute capabilities to compile for)
 
 The losses' public functions run forward and backward on CPU tensors, over the dtypes, masks, kinds
-and tile shapes their launchers specialise on, with the ``"triton"`` backend selected and Triton's
+and tile shapes their launchers specialise on, on both the two-pass and the one-pass path
+(``fastkd._one_pass.set_passes``; the backward's upstream gradient is 2, not the 1 the one-pass
+forward assumes, so that it scales the gradients), with the ``"triton"`` backend selected and Triton's
 launch replaced by a compile-only one aimed at each architecture: Triton's own compiler and PTX
 assembler (shipped in its wheel) turn each kernel into a cubin, and nothing runs. This finds what the
 interpreter cannot: code that the interpreter accepts and the GPU compiler rejects. Prints one JSON
@@ -27,7 +29,7 @@ from triton.runtime import driver
 from triton.runtime.jit import JITFunction
 
 import fastkd
-from fastkd import _backend
+from fastkd import _backend, _one_pass
 
 
 class CompileOnlyDriver(DriverBase):
@@ -82,17 +84,18 @@ DTYPE_PAIRS = [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
 LOSSES = [("logit_kl", {"vocab": 100}), ("logit_kl", {"vocab": 5000}), ("hidden_mse", {}),
           ("attention_kl", {"kind": "probs"}), ("attention_kl", {"kind": "scores"}),
           ("attention_kl_qk", {"length": 20, "causal": False}), ("attention_kl_qk", {"length": 100, "causal": True})]
+PASSES = ("two", "auto")  # "auto": the one-pass kernels where a loss has them
 
 
 def run_loss(loss: str, s_dtype: torch.dtype, t_dtype: torch.dtype, masked: bool, vocab=None, kind=None,
              length=None, causal=False) -> None:
-    """One loss, forward and backward, on small CPU tensors of the given dtypes."""
+    """One loss, forward and backward (upstream gradient 2), on small CPU tensors of the given dtypes."""
     if loss == "attention_kl_qk":
         query_s = torch.rand((2, 4, length, 16), dtype=s_dtype, requires_grad=True)
         key_s = torch.rand((2, 2, length, 16), dtype=s_dtype, requires_grad=True)
         query_t, key_t = torch.rand((2, 4, length, 24), dtype=t_dtype), torch.rand((2, 1, length, 24), dtype=t_dtype)
         mask = torch.ones((2, length), dtype=torch.bool) if masked else None
-        fastkd.attention_kl_qk(query_s, key_s, query_t, key_t, mask=mask, causal=causal).backward()
+        (2 * fastkd.attention_kl_qk(query_s, key_s, query_t, key_t, mask=mask, causal=causal)).backward()
         return
     if loss == "logit_kl":
         shapes, mask_shape = [(2, 3, vocab)], (2, 3)
@@ -109,7 +112,7 @@ def run_loss(loss: str, s_dtype: torch.dtype, t_dtype: torch.dtype, masked: bool
         value = fastkd.hidden_mse(s, t, mask=mask)
     else:
         value = fastkd.attention_kl(s, t, kind=kind, mask=mask)
-    value.backward()
+    (2 * value).backward()
 
 
 def main(archs: list[int]) -> None:
@@ -121,12 +124,14 @@ def main(archs: list[int]) -> None:
     fastkd.set_backend("triton")
     for arch in archs:
         driver.set_active(CompileOnlyDriver(arch))
-        for (loss, options), (s_dtype, t_dtype), masked in itertools.product(LOSSES, DTYPE_PAIRS, (False, True)):
+        cases = itertools.product(PASSES, LOSSES, DTYPE_PAIRS, (False, True))
+        for passes, (loss, options), (s_dtype, t_dtype), masked in cases:
+            _one_pass.set_passes(passes)
             try:
                 run_loss(loss, s_dtype, t_dtype, masked, **options)
             except Exception:
-                print(f"while compiling {loss} {options} {s_dtype}/{t_dtype} mask={masked} for sm_{arch}:",
-                      file=sys.stderr)
+                print(f"while compiling {loss} {options} {s_dtype}/{t_dtype} mask={masked} passes={passes} "
+                      f"for sm_{arch}:", file=sys.stderr)
                 raise
         for kernel, constants, signature, cubin_bytes in compiled:
             print(json.dumps({"arch": arch, "kernel": kernel, "constants": constants, "signature": signature,

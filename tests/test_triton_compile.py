@@ -34,16 +34,30 @@ def test_every_kernel_compiles_for_each_architecture():
     assert result.returncode == 0, result.stderr[-6000:]
     compiled = [json.loads(line) for line in result.stdout.splitlines()]
     kernels = {name for name in vars(triton_backend) if name.endswith("_kernel")}
-    assert len(kernels) == 8
+    assert len(kernels) == 9
+    flags = ("True", "False")
     for arch in ARCHS:
         of_arch = [entry for entry in compiled if entry["arch"] == arch]
         assert {entry["kernel"] for entry in of_arch} == kernels
         assert all(entry["cubin_bytes"] > 0 for entry in of_arch)
-        # every specialisation the launchers use: both directions and masks, all accumulator dtypes
+        # every specialisation the launchers use: masks, all accumulator dtypes, and each kernel's
+        # directions: the two-pass forward and backward, and the one-pass forward with the gradient
         assert {entry["constants"]["ACC"] for entry in of_arch} == {"fp32", "fp64"}
-        assert {entry["constants"]["HAS_MASK"] for entry in of_arch} == {"True", "False"}
-        assert {entry["constants"].get("BACKWARD") for entry in of_arch} >= {"True", "False"}
-        assert {entry["constants"].get("SCORES") for entry in of_arch} >= {"True", "False"}
+        assert {entry["constants"].get("HAS_MASK") for entry in of_arch} == {"True", "False", None}
+        unmasked = {entry["kernel"] for entry in of_arch if "HAS_MASK" not in entry["constants"]}
+        assert unmasked == {"_scale_gradients_kernel"}
+        variants = {(entry["kernel"], *(entry["constants"].get(name) for name in ("ROWS", "GRAD", "SCORES")))
+                    for entry in of_arch}
+        assert variants >= {
+            ("_hidden_kernel", "True", "False", None), ("_hidden_kernel", "False", "True", None),
+            ("_hidden_kernel", "True", "True", None),
+            *(("_logit_forward_kernel", None, grad, None) for grad in flags),
+            *(("_attention_forward_kernel", None, grad, scores) for grad in flags for scores in flags),
+            *(("_attention_backward_kernel", None, None, scores) for scores in flags),
+        }
+        # the one-pass backward scales the gradients of every student dtype
+        scaled = {entry["signature"]["p_grad"] for entry in of_arch if entry["kernel"] == "_scale_gradients_kernel"}
+        assert scaled == {"*fp32", "*fp64", "*bf16", "*fp16"}
         # floating scalars (the temperature, the score scales) reach the kernels as float64 whatever
         # the accumulator, so float64 inputs are never scaled by float32 factors
         scalars = {(entry["kernel"], name, ty) for entry in of_arch for name, ty in entry["signature"].items()

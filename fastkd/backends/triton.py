@@ -2,12 +2,16 @@
 
 Each forward kernel reads every student and teacher element of a row once and writes the row's value
 (and, for softmax losses, the two log-sum-exps); each backward kernel reads the row once more and
-writes the gradient. Rows that contribute nothing (masked, or without an entry that counts) read
-nothing in the forward and write a zero gradient. One program handles a tile of ``BLOCK_R`` rows,
-walking their columns ``BLOCK_C`` at a time; offsets are 64-bit. Layer pairs of one dtype
-combination run in one launch (program id 1 is the pair): a small int64 table on the device holds,
-per pair, the addresses, sizes and strides the kernels need (``PairTable``). Every launch runs with
-the inputs' CUDA device current, whichever device the caller has selected.
+writes the gradient. With ``GRAD`` (one pass, ``fastkd._one_pass``) a forward kernel writes the
+gradient too: from the same loads for ``hidden`` and attention probabilities, and for the softmax
+losses from a second pass over the tile's columns once its log-sum-exps are known (a GPU finds the
+tile in L2 while it is still there); ``_scale_gradients_kernel`` rescales such gradients in backward.
+Rows that contribute nothing (masked, or without an entry that counts) read nothing in the forward
+and write a zero gradient. One program handles a tile of ``BLOCK_R`` rows, walking their columns
+``BLOCK_C`` at a time; offsets are 64-bit. Layer pairs of one dtype combination run in one launch
+(program id 1 is the pair): a small int64 table on the device holds, per pair, the addresses, sizes
+and strides the kernels need (``PairTable``). Every launch runs with the inputs' CUDA device
+current, whichever device the caller has selected.
 
 Notation (the same in the C++ kernels and the torch backend): the student comes first, and a name
 ending in ``_s`` is the student's, in ``_t`` the teacher's. Prefixes: ``o_`` offsets, ``m_``
@@ -111,11 +115,25 @@ def _kl_from_online(max_s, sum_s, max_t, sum_t, cross):
 
 
 @triton.jit
-def _load_lse(p_lse, m_rows, ACC: tl.constexpr):
+def _split_lse(lse, ACC: tl.constexpr):
     """Float64 lses as (hi, lo) in ACC with hi + lo = lse: exp((x - hi) - lo) keeps x's precision."""
-    lse = tl.load(p_lse, mask=m_rows, other=0.0)
     hi = lse.to(ACC)
     return hi, (lse - hi.to(tl.float64)).to(ACC)
+
+
+@triton.jit
+def _load_lse(p_lse, m_rows, ACC: tl.constexpr):
+    """The float64 lses at ``p_lse`` as (hi, lo) (``_split_lse``)."""
+    return _split_lse(tl.load(p_lse, mask=m_rows, other=0.0), ACC)
+
+
+@triton.jit
+def _softmax_kl_grad(b_s, b_t, lse_s_hi, lse_s_lo, lse_t_hi, lse_t_lo, b_scale, m_keep):
+    """``b_scale * (q - p)`` on ``m_keep``, 0 elsewhere: the gradient of sum p (log p - log q) in the
+    student's scores, q = exp(s - lse_s), p = exp(t - lse_t) from the float64 lses' (hi, lo)."""
+    b_q = tl.exp((b_s - lse_s_hi[:, None]) - lse_s_lo[:, None])
+    b_p = tl.exp((b_t - lse_t_hi[:, None]) - lse_t_lo[:, None])
+    return tl.where(m_keep, b_scale[:, None] * (b_q - b_p), 0.0)
 
 
 @triton.jit
@@ -139,12 +157,37 @@ def _column_bound(m_valid, n_cols):
 
 
 @triton.jit
-def _logit_forward_kernel(
-    p_s, p_t, p_mask, p_rows, p_stats, n_rows, R1, V, stride0_s, stride1_s, stride0_t, stride1_t,
-    temperature: tl.float64, HAS_MASK: tl.constexpr, ACC: tl.constexpr, BLOCK_R: tl.constexpr,
-    BLOCK_C: tl.constexpr,
+def _logit_grad(
+    p_s, p_t, p_grad_rows, p_grad, o_r, o_s, o_t, m_rows, m_valid, lse_s, lse_t, V, temperature,
+    ACC: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """rows = T^2 (sum p (t' - s') + lse(s') - lse(t')), s' = s / T, t' = t / T; stats = the lses."""
+    """grad = grad_rows * T * (q - p) on rows ``o_r`` (s and t at offsets ``o_s``/``o_t``), q = exp(s' - lse_s),
+    p = exp(t' - lse_t) from the rows' float64 lses; 0 on rows that contribute nothing (not ``m_valid``,
+    or lse_t = -inf). One pass over the rows' V columns of s and t."""
+    inv_t = _scalar(1.0 / temperature, ACC)
+    lse_s_hi, lse_s_lo = _split_lse(lse_s, ACC)
+    lse_t_hi, lse_t_lo = _split_lse(lse_t, ACC)
+    m_valid = m_valid & (lse_t_hi > float("-inf"))
+    b_scale = tl.load(p_grad_rows + o_r, mask=m_valid, other=0.0).to(ACC) * _scalar(temperature, ACC)  # [BLOCK_R]
+    for start in range(0, V, BLOCK_C):
+        o_v = start + tl.arange(0, BLOCK_C)
+        m_cols = (o_v < V)[None, :]
+        m_load = m_valid[:, None] & m_cols
+        b_s = tl.load(p_s + o_s[:, None] + o_v[None, :], mask=m_load, other=0.0).to(ACC) * inv_t
+        b_t = tl.load(p_t + o_t[:, None] + o_v[None, :], mask=m_load, other=float("-inf")).to(ACC) * inv_t
+        b_g = _softmax_kl_grad(b_s, b_t, lse_s_hi, lse_s_lo, lse_t_hi, lse_t_lo, b_scale, m_load)
+        tl.store(p_grad + o_r[:, None] * V + o_v[None, :], b_g.to(p_grad.dtype.element_ty), mask=m_rows[:, None] & m_cols)
+
+
+@triton.jit
+def _logit_forward_kernel(
+    p_s, p_t, p_mask, p_rows, p_stats, p_grad_rows, p_grad, n_rows, R1, V, stride0_s, stride1_s, stride0_t,
+    stride1_t, temperature: tl.float64, GRAD: tl.constexpr, HAS_MASK: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """rows = T^2 (sum p (t' - s') + lse(s') - lse(t')), s' = s / T, t' = t / T, and stats = the lses;
+    with GRAD, grad = grad_rows * T * (q - p) instead of the stats, from the lses in registers: a second
+    pass over the tile's columns (``_logit_grad``), which a GPU serves from L2 where the tile is still there."""
     inv_t = _scalar(1.0 / temperature, ACC)
     o_r, m_rows, m_valid = _row_tile(n_rows, p_mask, HAS_MASK, BLOCK_R)
     o_s = (o_r // R1) * stride0_s + (o_r % R1) * stride1_s  # [BLOCK_R]
@@ -165,8 +208,12 @@ def _logit_forward_kernel(
     kl, lse_s, lse_t = _kl_from_online(max_s, sum_s, max_t, sum_t, cross)
     t_sq = _scalar(temperature * temperature, ACC)
     tl.store(p_rows + o_r, t_sq * kl, mask=m_rows)
-    tl.store(p_stats + o_r, lse_s, mask=m_rows)
-    tl.store(p_stats + n_rows + o_r, lse_t, mask=m_rows)
+    if GRAD:
+        _logit_grad(p_s, p_t, p_grad_rows, p_grad, o_r, o_s, o_t, m_rows, m_valid, lse_s, lse_t, V, temperature,
+                    ACC, BLOCK_C)
+    else:
+        tl.store(p_stats + o_r, lse_s, mask=m_rows)
+        tl.store(p_stats + n_rows + o_r, lse_t, mask=m_rows)
 
 
 @triton.jit
@@ -175,42 +222,37 @@ def _logit_backward_kernel(
     stride1_t, temperature: tl.float64, HAS_MASK: tl.constexpr, ACC: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """grad = grad_rows * T * (q - p), q = exp(s' - lse_s), p = exp(t' - lse_t); 0 on rows that
-    contribute nothing (masked, or lse_t = -inf)."""
-    inv_t = _scalar(1.0 / temperature, ACC)
+    """grad = grad_rows * T * (q - p), q = exp(s' - lse_s), p = exp(t' - lse_t) with the forward's lses
+    (``_logit_grad``); 0 on rows that contribute nothing (masked, or lse_t = -inf)."""
     o_r, m_rows, m_valid = _row_tile(n_rows, p_mask, HAS_MASK, BLOCK_R)
     o_s = (o_r // R1) * stride0_s + (o_r % R1) * stride1_s  # [BLOCK_R]
     o_t = (o_r // R1) * stride0_t + (o_r % R1) * stride1_t  # [BLOCK_R]
-    lse_s_hi, lse_s_lo = _load_lse(p_stats + o_r, m_rows, ACC)
-    lse_t_hi, lse_t_lo = _load_lse(p_stats + n_rows + o_r, m_rows, ACC)
-    m_valid = m_valid & (lse_t_hi > float("-inf"))
-    b_scale = tl.load(p_grad_rows + o_r, mask=m_valid, other=0.0).to(ACC) * _scalar(temperature, ACC)  # [BLOCK_R]
-    for start in range(0, V, BLOCK_C):
-        o_v = start + tl.arange(0, BLOCK_C)
-        m_cols = (o_v < V)[None, :]
-        m_load = m_valid[:, None] & m_cols
-        b_s = tl.load(p_s + o_s[:, None] + o_v[None, :], mask=m_load, other=0.0).to(ACC) * inv_t
-        b_t = tl.load(p_t + o_t[:, None] + o_v[None, :], mask=m_load, other=float("-inf")).to(ACC) * inv_t
-        b_q = tl.exp((b_s - lse_s_hi[:, None]) - lse_s_lo[:, None])
-        b_p = tl.exp((b_t - lse_t_hi[:, None]) - lse_t_lo[:, None])
-        b_g = tl.where(m_load, b_scale[:, None] * (b_q - b_p), 0.0)
-        tl.store(p_grad + o_r[:, None] * V + o_v[None, :], b_g.to(p_grad.dtype.element_ty), mask=m_rows[:, None] & m_cols)
+    lse_s = tl.load(p_stats + o_r, mask=m_rows, other=0.0)
+    lse_t = tl.load(p_stats + n_rows + o_r, mask=m_rows, other=0.0)
+    _logit_grad(p_s, p_t, p_grad_rows, p_grad, o_r, o_s, o_t, m_rows, m_valid, lse_s, lse_t, V, temperature, ACC,
+                BLOCK_C)
+
+
+def _logit_forward(student, teacher, mask, temperature, stats, grad_rows, grad):
+    """The rows of ``_logit_forward_kernel``, which also fills ``stats``, or with ``grad``, the gradient."""
+    r0, r1, vocab = student.shape
+    n_rows = r0 * r1
+    rows = torch.empty(n_rows, dtype=acc_dtype(student, teacher), device=student.device)
+    if n_rows:
+        tile = _tile("logit", n_rows, vocab)
+        _logit_forward_kernel[(triton.cdiv(n_rows, tile["BLOCK_R"]),)](
+            student, teacher, mask, rows, stats, grad_rows, grad, n_rows, r1, vocab, *student.stride()[:2],
+            *teacher.stride()[:2], temperature, GRAD=grad is not None, HAS_MASK=mask is not None,
+            ACC=_tl(rows.dtype), **tile,
+        )
+    return rows
 
 
 @_on_inputs_device
 def logit_forward(student, teacher, mask, temperature):
     """rows = T^2 sum_v p_v (log p_v - log q_v) per row, stats = (lse(s / T), lse(t / T))."""
-    r0, r1, vocab = student.shape
-    n_rows = r0 * r1
-    rows = torch.empty(n_rows, dtype=acc_dtype(student, teacher), device=student.device)
-    stats = torch.empty(2, n_rows, dtype=torch.float64, device=student.device)
-    if n_rows:
-        tile = _tile("logit", n_rows, vocab)
-        _logit_forward_kernel[(triton.cdiv(n_rows, tile["BLOCK_R"]),)](
-            student, teacher, mask, rows, stats, n_rows, r1, vocab, *student.stride()[:2], *teacher.stride()[:2],
-            temperature, HAS_MASK=mask is not None, ACC=_tl(rows.dtype), **tile,
-        )
-    return rows, stats
+    stats = torch.empty(2, student.shape[0] * student.shape[1], dtype=torch.float64, device=student.device)
+    return _logit_forward(student, teacher, mask, temperature, stats, None, None), stats
 
 
 @_on_inputs_device
@@ -227,6 +269,13 @@ def logit_backward(student, teacher, mask, temperature, stats, grad_rows):
             ACC=_tl(acc_dtype(student, teacher)), **tile,
         )
     return grad
+
+
+@_on_inputs_device
+def logit_forward_with_grad(student, teacher, mask, temperature, grad_rows):
+    """(rows of ``logit_forward``, grad of ``logit_backward`` for ``grad_rows``) from one launch."""
+    grad = torch.empty(student.shape, dtype=student.dtype, device=student.device)
+    return _logit_forward(student, teacher, mask, temperature, None, grad_rows, grad), grad
 
 
 # ----------------------------------------------------------------------------------- pair tables
@@ -314,10 +363,11 @@ HIDDEN_TABLE = PairTable(
 
 @triton.jit
 def _hidden_kernel(
-    p_table, p_mask, p_rows, p_grad_rows, BACKWARD: tl.constexpr, HAS_MASK: tl.constexpr,
+    p_table, p_mask, p_rows, p_grad_rows, ROWS: tl.constexpr, GRAD: tl.constexpr, HAS_MASK: tl.constexpr,
     S_DTYPE: tl.constexpr, T_DTYPE: tl.constexpr, ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """Forward: rows = sum_d (s - t)^2 / D. Backward: grad = grad_rows * 2 (s - t) / D."""
+    """ROWS: rows = sum_d (s - t)^2 / D. GRAD: grad = grad_rows * 2 (s - t) / D (0 on masked rows).
+    Both: one read of s and t gives the two."""
     p_entry = p_table + tl.program_id(1) * HIDDEN_TABLE.width
     first_row = tl.load(p_entry + HIDDEN_TABLE.first_row)
     R1 = tl.load(p_entry + HIDDEN_TABLE.R1)
@@ -327,29 +377,32 @@ def _hidden_kernel(
     o_t = (o_r // R1) * tl.load(p_entry + HIDDEN_TABLE.stride0_t) + (o_r % R1) * tl.load(p_entry + HIDDEN_TABLE.stride1_t)
     p_s = tl.load(p_entry + HIDDEN_TABLE.p_s).to(tl.pointer_type(S_DTYPE))
     p_t = tl.load(p_entry + HIDDEN_TABLE.p_t).to(tl.pointer_type(T_DTYPE))
-    if BACKWARD:
+    if GRAD:
         p_grad = tl.load(p_entry + HIDDEN_TABLE.p_grad).to(tl.pointer_type(S_DTYPE))
         b_scale = tl.load(p_grad_rows + first_row + o_r, mask=m_valid, other=0.0).to(ACC) * 2.0 / D  # [BLOCK_R]
-        n_cols = D
+        n_cols = D  # masked rows too: their gradient is written 0
     else:
-        acc = tl.zeros([BLOCK_R, BLOCK_C], ACC)
         n_cols = _column_bound(m_valid, D)
+    if ROWS:
+        acc = tl.zeros([BLOCK_R, BLOCK_C], ACC)
     for start in range(0, n_cols, BLOCK_C):
         o_d = start + tl.arange(0, BLOCK_C)
         m_cols = (o_d < D)[None, :]
         m_load = m_valid[:, None] & m_cols
         b_s = tl.load(p_s + o_s[:, None] + o_d[None, :], mask=m_load, other=0.0).to(ACC)  # [BLOCK_R, BLOCK_C]
         b_t = tl.load(p_t + o_t[:, None] + o_d[None, :], mask=m_load, other=0.0).to(ACC)  # [BLOCK_R, BLOCK_C]
-        if BACKWARD:
+        if GRAD:
             b_g = b_scale[:, None] * (b_s - b_t)
             tl.store(p_grad + o_r[:, None] * D + o_d[None, :], b_g.to(S_DTYPE), mask=m_rows[:, None] & m_cols)
-        else:
+        if ROWS:
             acc += (b_s - b_t) * (b_s - b_t)
-    if not BACKWARD:
+    if ROWS:
         tl.store(p_rows + first_row + o_r, tl.sum(acc, 1) / D, mask=m_rows)
 
 
 def _hidden_launch(students, teachers, mask, rows, grad_rows, grads):
+    """One launch per dtype pair: the rows into ``rows`` and/or the gradients into ``grads`` (None: not wanted)."""
+
     def entry(i, first_row):
         s, t = students[i], teachers[i]
         return HIDDEN_TABLE.pack(
@@ -362,8 +415,8 @@ def _hidden_launch(students, teachers, mask, rows, grad_rows, grads):
     for (s_dtype, t_dtype), entries, max_rows, max_cols in _pair_launches(students, teachers, counts, entry):
         tile = _tile("hidden", max_rows, max_cols)
         _hidden_kernel[(triton.cdiv(max_rows, tile["BLOCK_R"]), len(entries))](
-            _pair_table(entries, students[0].device), mask, rows, grad_rows, BACKWARD=grads is not None,
-            HAS_MASK=mask is not None, S_DTYPE=_tl(s_dtype), T_DTYPE=_tl(t_dtype),
+            _pair_table(entries, students[0].device), mask, rows, grad_rows, ROWS=rows is not None,
+            GRAD=grads is not None, HAS_MASK=mask is not None, S_DTYPE=_tl(s_dtype), T_DTYPE=_tl(t_dtype),
             ACC=_tl(acc_dtype(*students, *teachers)), **tile,
         )
 
@@ -383,6 +436,17 @@ def hidden_backward(students, teachers, mask, grad_rows):
     grads = [torch.empty(s.shape, dtype=s.dtype, device=s.device) for s in students]
     _hidden_launch(students, teachers, mask, None, grad_rows, grads)
     return grads
+
+
+@_on_inputs_device
+def hidden_forward_with_grad(students, teachers, mask, grad_rows):
+    """(rows of ``hidden_forward``, grads of ``hidden_backward`` for ``grad_rows``) from one read of s
+    and t; all pairs in one launch."""
+    count = sum(s.shape[0] * s.shape[1] for s in students)
+    rows = torch.empty(count, dtype=acc_dtype(*students, *teachers), device=students[0].device)
+    grads = [torch.empty(s.shape, dtype=s.dtype, device=s.device) for s in students]
+    _hidden_launch(students, teachers, mask, rows, grad_rows, grads)
+    return rows, grads
 
 
 # ------------------------------------------------------------------------------------- attention
@@ -425,12 +489,55 @@ def _kept_keys(b_s, b_t, o_k, m_load, p_mask, o_mask, HAS_MASK: tl.constexpr, S_
 
 
 @triton.jit
-def _attention_forward_kernel(
-    p_table, p_mask, p_rows, p_stats, total_rows, SCORES: tl.constexpr, HAS_MASK: tl.constexpr,
-    S_DTYPE: tl.constexpr, T_DTYPE: tl.constexpr, S_LOWEST: tl.constexpr, T_LOWEST: tl.constexpr,
-    ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+def _attention_block(p_s, p_t, o_r, o_k, m_load, Lk, ACC: tl.constexpr):
+    """(s, t) at keys ``o_k`` of rows ``o_r``, ``[BLOCK_R, BLOCK_C]`` in ACC, 0 where not ``m_load``."""
+    b_s = tl.load(p_s + o_r[:, None] * Lk + o_k[None, :], mask=m_load, other=0.0).to(ACC)
+    b_t = tl.load(p_t + o_r[:, None] * Lk + o_k[None, :], mask=m_load, other=0.0).to(ACC)
+    return b_s, b_t
+
+
+@triton.jit
+def _probs_grad_store(p_grad, o_r, o_k, m_rows, Lk, b_s, b_t, b_scale, S_DTYPE: tl.constexpr):
+    """kind="probs": writes grad = b_scale * (-p / q) where p > 0 and q >= TINY, 0 elsewhere, at keys
+    ``o_k`` of rows ``o_r`` (q = b_s, p = b_t: 0 on rows not loaded)."""
+    m_keep = (b_t > 0) & (b_s >= TINY)
+    b_dkl = tl.where(m_keep, -b_t / tl.where(m_keep, b_s, 1.0), 0.0)
+    tl.store(p_grad + o_r[:, None] * Lk + o_k[None, :], (b_scale[:, None] * b_dkl).to(S_DTYPE),
+             mask=m_rows[:, None] & (o_k < Lk)[None, :])
+
+
+@triton.jit
+def _scores_grad(
+    p_s, p_t, p_grad_rows, p_grad, p_mask, o_r, m_rows, m_valid, Lk, o_mask, lse_s, lse_t, HAS_MASK: tl.constexpr,
+    S_DTYPE: tl.constexpr, S_LOWEST: tl.constexpr, T_LOWEST: tl.constexpr, ACC: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """rows = sum_k p_k (log p_k - log q_k); scores: also stats = (lse_s, lse_t) over kept keys."""
+    """kind="scores": grad = grad_rows * (q - p) on the kept keys of rows ``o_r``, q = exp(s - lse_s),
+    p = exp(t - lse_t) from the rows' float64 lses; 0 on rows that contribute nothing (not ``m_valid``,
+    or lse_t = -inf) and on dropped keys. One pass over the rows' Lk keys of s and t."""
+    lse_s_hi, lse_s_lo = _split_lse(lse_s, ACC)
+    lse_t_hi, lse_t_lo = _split_lse(lse_t, ACC)
+    m_valid = m_valid & (lse_t_hi > float("-inf"))
+    b_scale = tl.load(p_grad_rows + o_r, mask=m_valid, other=0.0).to(ACC)  # [BLOCK_R]
+    for start in range(0, Lk, BLOCK_C):
+        o_k = start + tl.arange(0, BLOCK_C)
+        m_cols = (o_k < Lk)[None, :]
+        m_load = m_valid[:, None] & m_cols
+        b_s, b_t = _attention_block(p_s, p_t, o_r, o_k, m_load, Lk, ACC)
+        m_keep = _kept_keys(b_s, b_t, o_k, m_load, p_mask, o_mask, HAS_MASK, S_LOWEST, T_LOWEST)
+        b_g = _softmax_kl_grad(b_s, b_t, lse_s_hi, lse_s_lo, lse_t_hi, lse_t_lo, b_scale, m_keep)
+        tl.store(p_grad + o_r[:, None] * Lk + o_k[None, :], b_g.to(S_DTYPE), mask=m_rows[:, None] & m_cols)
+
+
+@triton.jit
+def _attention_forward_kernel(
+    p_table, p_mask, p_rows, p_stats, p_grad_rows, total_rows, SCORES: tl.constexpr, GRAD: tl.constexpr,
+    HAS_MASK: tl.constexpr, S_DTYPE: tl.constexpr, T_DTYPE: tl.constexpr, S_LOWEST: tl.constexpr,
+    T_LOWEST: tl.constexpr, ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """rows = sum_k p_k (log p_k - log q_k); scores: also stats = (lse_s, lse_t) over kept keys. With
+    GRAD, the gradient of ``_attention_backward_kernel`` for grad_rows (and no stats): probs from the
+    same loads, scores by a second pass over the tile's keys with the lses in registers, which a GPU
+    serves from L2 where the tile is still there."""
     p_s, p_t, p_grad, o_r, m_rows, m_valid, first_row, Lk, o_mask = _attention_tile(
         p_table, p_mask, HAS_MASK, S_DTYPE, T_DTYPE, BLOCK_R
     )
@@ -442,11 +549,15 @@ def _attention_forward_kernel(
         cross = tl.zeros([BLOCK_R], ACC)  # sum_k exp(t_k - max_t) (t_k - s_k) over kept keys
     else:
         acc = tl.zeros([BLOCK_R, BLOCK_C], ACC)
-    for start in range(0, _column_bound(m_valid, Lk), BLOCK_C):
+    if GRAD and not SCORES:
+        b_scale = tl.load(p_grad_rows + first_row + o_r, mask=m_valid, other=0.0).to(ACC)  # [BLOCK_R]
+        n_cols = Lk  # the gradient is written in this loop: masked rows' zeros too
+    else:
+        n_cols = _column_bound(m_valid, Lk)
+    for start in range(0, n_cols, BLOCK_C):
         o_k = start + tl.arange(0, BLOCK_C)
         m_load = m_valid[:, None] & (o_k < Lk)[None, :]
-        b_s = tl.load(p_s + o_r[:, None] * Lk + o_k[None, :], mask=m_load, other=0.0).to(ACC)  # [BLOCK_R, BLOCK_C]
-        b_t = tl.load(p_t + o_r[:, None] * Lk + o_k[None, :], mask=m_load, other=0.0).to(ACC)  # [BLOCK_R, BLOCK_C]
+        b_s, b_t = _attention_block(p_s, p_t, o_r, o_k, m_load, Lk, ACC)  # [BLOCK_R, BLOCK_C]
         if SCORES:
             m_keep = _kept_keys(b_s, b_t, o_k, m_load, p_mask, o_mask, HAS_MASK, S_LOWEST, T_LOWEST)
             max_s, sum_s, _, _ = _online_lse(max_s, sum_s, tl.where(m_keep, b_s, float("-inf")))
@@ -456,10 +567,16 @@ def _attention_forward_kernel(
             m_p = b_t > 0
             b_log_ratio = tl.log(tl.where(m_p, b_t, 1.0)) - tl.log(tl.maximum(b_s, TINY))
             acc += tl.where(m_p, b_t * b_log_ratio, 0.0)
+            if GRAD:
+                _probs_grad_store(p_grad, o_r, o_k, m_rows, Lk, b_s, b_t, b_scale, S_DTYPE)
     if SCORES:
         kl, lse_s, lse_t = _kl_from_online(max_s, sum_s, max_t, sum_t, cross)
-        tl.store(p_stats + first_row + o_r, lse_s, mask=m_rows)
-        tl.store(p_stats + total_rows + first_row + o_r, lse_t, mask=m_rows)
+        if GRAD:
+            _scores_grad(p_s, p_t, p_grad_rows + first_row, p_grad, p_mask, o_r, m_rows, m_valid, Lk, o_mask, lse_s,
+                         lse_t, HAS_MASK, S_DTYPE, S_LOWEST, T_LOWEST, ACC, BLOCK_C)
+        else:
+            tl.store(p_stats + first_row + o_r, lse_s, mask=m_rows)
+            tl.store(p_stats + total_rows + first_row + o_r, lse_t, mask=m_rows)
     else:
         kl = tl.sum(acc, 1)
     tl.store(p_rows + first_row + o_r, tl.where(m_valid, kl, 0.0), mask=m_rows)
@@ -471,35 +588,28 @@ def _attention_backward_kernel(
     S_DTYPE: tl.constexpr, T_DTYPE: tl.constexpr, S_LOWEST: tl.constexpr, T_LOWEST: tl.constexpr,
     ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """probs: grad = grad_rows * (-p / q) where p > 0 and q >= TINY; scores: grad_rows * (q - p) on
-    kept keys, 0 on rows without one (lse_t = -inf)."""
+    """probs: grad = grad_rows * (-p / q) where p > 0 and q >= TINY (``_probs_grad_store``); scores:
+    grad_rows * (q - p) on kept keys with the forward's lses, 0 on rows without one (``_scores_grad``)."""
     p_s, p_t, p_grad, o_r, m_rows, m_valid, first_row, Lk, o_mask = _attention_tile(
         p_table, p_mask, HAS_MASK, S_DTYPE, T_DTYPE, BLOCK_R
     )
     if SCORES:
-        lse_s_hi, lse_s_lo = _load_lse(p_stats + first_row + o_r, m_rows, ACC)
-        lse_t_hi, lse_t_lo = _load_lse(p_stats + total_rows + first_row + o_r, m_rows, ACC)
-        m_valid = m_valid & (lse_t_hi > float("-inf"))
-    b_scale = tl.load(p_grad_rows + first_row + o_r, mask=m_valid, other=0.0).to(ACC)  # [BLOCK_R]
-    for start in range(0, Lk, BLOCK_C):
-        o_k = start + tl.arange(0, BLOCK_C)
-        m_cols = (o_k < Lk)[None, :]
-        m_load = m_valid[:, None] & m_cols
-        b_s = tl.load(p_s + o_r[:, None] * Lk + o_k[None, :], mask=m_load, other=0.0).to(ACC)  # [BLOCK_R, BLOCK_C]
-        b_t = tl.load(p_t + o_r[:, None] * Lk + o_k[None, :], mask=m_load, other=0.0).to(ACC)  # [BLOCK_R, BLOCK_C]
-        if SCORES:
-            m_keep = _kept_keys(b_s, b_t, o_k, m_load, p_mask, o_mask, HAS_MASK, S_LOWEST, T_LOWEST)
-            b_q = tl.exp((b_s - lse_s_hi[:, None]) - lse_s_lo[:, None])
-            b_p = tl.exp((b_t - lse_t_hi[:, None]) - lse_t_lo[:, None])
-            b_dkl = tl.where(m_keep, b_q - b_p, 0.0)
-        else:
-            m_keep = (b_t > 0) & (b_s >= TINY)
-            b_dkl = tl.where(m_keep, -b_t / tl.where(m_keep, b_s, 1.0), 0.0)
-        tl.store(p_grad + o_r[:, None] * Lk + o_k[None, :], (b_scale[:, None] * b_dkl).to(S_DTYPE),
-                 mask=m_rows[:, None] & m_cols)
+        lse_s = tl.load(p_stats + first_row + o_r, mask=m_rows, other=0.0)
+        lse_t = tl.load(p_stats + total_rows + first_row + o_r, mask=m_rows, other=0.0)
+        _scores_grad(p_s, p_t, p_grad_rows + first_row, p_grad, p_mask, o_r, m_rows, m_valid, Lk, o_mask, lse_s,
+                     lse_t, HAS_MASK, S_DTYPE, S_LOWEST, T_LOWEST, ACC, BLOCK_C)
+    else:
+        b_scale = tl.load(p_grad_rows + first_row + o_r, mask=m_valid, other=0.0).to(ACC)  # [BLOCK_R]
+        for start in range(0, Lk, BLOCK_C):
+            o_k = start + tl.arange(0, BLOCK_C)
+            b_s, b_t = _attention_block(p_s, p_t, o_r, o_k, m_valid[:, None] & (o_k < Lk)[None, :], Lk, ACC)
+            _probs_grad_store(p_grad, o_r, o_k, m_rows, Lk, b_s, b_t, b_scale, S_DTYPE)
 
 
-def _attention_launch(kernel, students, teachers, mask, kind, outputs, grads):
+def _attention_launch(kernel, students, teachers, mask, kind, outputs, grads, **constants):
+    """One launch of ``kernel`` per dtype pair with (table, mask, *outputs, total rows) and ``constants``;
+    the table holds the addresses of ``grads`` (None: the kernel writes no gradient)."""
+
     def entry(i, first_row):
         s, t = students[i], teachers[i]
         batch, heads, lq, lk = s.shape
@@ -515,7 +625,7 @@ def _attention_launch(kernel, students, teachers, mask, kind, outputs, grads):
             _pair_table(entries, students[0].device), mask, *outputs, sum(counts), SCORES=kind == "scores",
             HAS_MASK=mask is not None, S_DTYPE=_tl(s_dtype), T_DTYPE=_tl(t_dtype),
             S_LOWEST=torch.finfo(s_dtype).min, T_LOWEST=torch.finfo(t_dtype).min,
-            ACC=_tl(acc_dtype(*students, *teachers)), **tile,
+            ACC=_tl(acc_dtype(*students, *teachers)), **constants, **tile,
         )
 
 
@@ -526,7 +636,7 @@ def attention_forward(students, teachers, mask, kind):
     device = students[0].device
     rows = torch.empty(count, dtype=acc_dtype(*students, *teachers), device=device)
     stats = torch.empty(2, count if kind == "scores" else 0, dtype=torch.float64, device=device)
-    _attention_launch(_attention_forward_kernel, students, teachers, mask, kind, (rows, stats), None)
+    _attention_launch(_attention_forward_kernel, students, teachers, mask, kind, (rows, stats, None), None, GRAD=False)
     return rows, stats
 
 
@@ -536,6 +646,17 @@ def attention_backward(students, teachers, mask, kind, stats, grad_rows):
     grads = [torch.empty(s.shape, dtype=s.dtype, device=s.device) for s in students]
     _attention_launch(_attention_backward_kernel, students, teachers, mask, kind, (stats, grad_rows), grads)
     return grads
+
+
+@_on_inputs_device
+def attention_forward_with_grad(students, teachers, mask, kind, grad_rows):
+    """(rows of ``attention_forward``, grads of ``attention_backward`` for ``grad_rows``) from one launch."""
+    count = sum(s.shape[0] * s.shape[1] * s.shape[2] for s in students)
+    rows = torch.empty(count, dtype=acc_dtype(*students, *teachers), device=students[0].device)
+    grads = [torch.empty(s.shape, dtype=s.dtype, device=s.device) for s in students]
+    _attention_launch(_attention_forward_kernel, students, teachers, mask, kind, (rows, None, grad_rows), grads,
+                      GRAD=True)
+    return rows, grads
 
 
 # ---------------------------------------------------------------------- attention from queries, keys
@@ -614,15 +735,6 @@ def _qk_row_stats(p_stats, p_grad_rows, o_r, m_rows, total_rows, scale_s, ACC: t
     m_valid = m_rows & (lse_t_hi > float("-inf"))
     b_scale = tl.load(p_grad_rows + o_r, mask=m_valid, other=0.0).to(ACC) * scale_s
     return m_valid, lse_s_hi, lse_s_lo, lse_t_hi, lse_t_lo, b_scale
-
-
-@triton.jit
-def _qk_d_scores(b_s, b_t, lse_s_hi, lse_s_lo, lse_t_hi, lse_t_lo, b_scale, m_keep):
-    """``dS = grad_rows * scale_s * (q - p)`` on kept keys, 0 elsewhere, q = exp(S_s - lse_s),
-    p = exp(S_t - lse_t) from the float64 lses' (hi, lo)."""
-    b_q = tl.exp((b_s - lse_s_hi[:, None]) - lse_s_lo[:, None])
-    b_p = tl.exp((b_t - lse_t_hi[:, None]) - lse_t_lo[:, None])
-    return tl.where(m_keep, b_scale[:, None] * (b_q - b_p), 0.0)
 
 
 @triton.jit
@@ -708,7 +820,7 @@ def _attention_qk_query_grad_kernel(
         b_key_s = _qk_load(p_key_s, o_n, o_n < L, D_s, BLOCK_DS, S_DOT)  # [BLOCK_N, BLOCK_DS]
         b_s = _qk_scores(b_query_s, b_key_s, scale_s, ACC)
         b_t = _qk_scores(b_query_t, _qk_load(p_key_t, o_n, o_n < L, D_t, BLOCK_DT, T_DOT), scale_t, ACC)
-        b_ds = _qk_d_scores(b_s, b_t, lse_s_hi, lse_s_lo, lse_t_hi, lse_t_lo, b_scale, m_keep)
+        b_ds = _softmax_kl_grad(b_s, b_t, lse_s_hi, lse_s_lo, lse_t_hi, lse_t_lo, b_scale, m_keep)
         acc = tl.dot(b_ds, b_key_s.to(ACC), acc, input_precision=GRAD_PRECISION, out_dtype=ACC)
     o_d = tl.arange(0, BLOCK_DS)
     tl.store(p_grad_query + bh * L * D_s + o_m[:, None] * D_s + o_d[None, :], acc.to(p_grad_query.dtype.element_ty),
@@ -755,7 +867,7 @@ def _attention_qk_key_grad_kernel(
             b_s = _qk_scores(b_query_s, b_key_s, scale_s, ACC)
             b_t = _qk_scores(_qk_load(p_head_query_t, o_m, m_valid, D_t, BLOCK_DT, T_DOT), b_key_t, scale_t, ACC)
             m_keep = _qk_kept(o_m, o_n, m_valid, m_keys, CAUSAL)
-            b_ds = _qk_d_scores(b_s, b_t, lse_s_hi, lse_s_lo, lse_t_hi, lse_t_lo, b_scale, m_keep)
+            b_ds = _softmax_kl_grad(b_s, b_t, lse_s_hi, lse_s_lo, lse_t_hi, lse_t_lo, b_scale, m_keep)
             acc = tl.dot(tl.trans(b_ds), b_query_s.to(ACC), acc, input_precision=GRAD_PRECISION, out_dtype=ACC)
     o_d = tl.arange(0, BLOCK_DS)
     tl.store(p_grad_key + bh_kv * L * D_s + o_n[:, None] * D_s + o_d[None, :], acc.to(p_grad_key.dtype.element_ty),
@@ -833,3 +945,36 @@ def attention_qk_backward(student_q, student_k, teacher_q, teacher_k, scales, ma
             *tensors, mask, stats, grad_rows, grads_k[i], *args, **options
         )
     return grads_q, grads_k
+
+
+# -------------------------------------------------------------------------------------- one pass
+
+SCALE_BLOCK = 4096  # gradient elements per program of _scale_gradients_kernel
+
+
+@triton.jit
+def _scale_gradients_kernel(p_grad, p_upstream, p_expected, n, ACC: tl.constexpr, BLOCK: tl.constexpr):
+    """grad *= upstream / expected in place (0 where expected == 0), the two read here, on the device;
+    when they are equal, every load and store is masked off: no gradient element is read or written.
+
+    The factor is divided in float64 and rounded to ACC (float32 unless the gradient is float64): for
+    float32 operands that is float32's correctly rounded quotient, and the product is torch's.
+    """
+    upstream = tl.load(p_upstream).to(tl.float64)
+    expected = tl.load(p_expected).to(tl.float64)
+    factor = tl.where(expected == 0, 0.0, upstream / expected).to(ACC)
+    o_x = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    m_scale = o_x < tl.where(upstream != expected, n, 0)  # [BLOCK]
+    b_g = tl.load(p_grad + o_x, mask=m_scale, other=0.0).to(ACC)
+    tl.store(p_grad + o_x, (b_g * factor).to(p_grad.dtype.element_ty), mask=m_scale)
+
+
+@_on_inputs_device
+def scale_gradients_(grads, upstream, expected):
+    """grads *= upstream / expected in place, 0 where expected == 0, nothing read or written where
+    upstream == expected; one launch per gradient, the 0-d upstream and expected read by the kernel."""
+    for grad in grads:
+        if grad.numel():
+            _scale_gradients_kernel[(triton.cdiv(grad.numel(), SCALE_BLOCK),)](
+                grad, upstream, expected, grad.numel(), ACC=_tl(acc_dtype(grad)), BLOCK=SCALE_BLOCK, num_warps=8
+            )
