@@ -8,6 +8,7 @@ teacher in one, two or three stages.
 """
 
 from fastkd._backend import available_backends, get_backend, set_backend
+from fastkd._one_pass import get_passes, set_passes
 from fastkd.attention import attention_kl
 from fastkd.attention_qk import attention_kl_qk, relation_kl
 from fastkd.fused_linear import FusedLinearKLLoss, fused_linear_kl
@@ -30,9 +31,11 @@ __all__ = [
     "available_backends",
     "fused_linear_kl",
     "get_backend",
+    "get_passes",
     "hidden_mse",
     "logit_kl",
     "logit_mask",
     "relation_kl",
     "set_backend",
+    "set_passes",
 ]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from fastkd import _backend
+from fastkd import _backend, _one_pass
 from fastkd._layout import acc_dtype
 from fastkd._reduction import reduce_rows
 from fastkd._validation import (
@@ -82,6 +82,27 @@ def _backward(ctx, grad_rows, grad_stats):
 attention_kl_rows.register_autograd(_backward, setup_context=_setup_context)
 
 
+@torch.library.custom_op("fastkd::attention_kl_rows_with_grad", mutates_args=())
+def attention_kl_rows_with_grad(
+    students: list[torch.Tensor],
+    teachers: list[torch.Tensor],
+    mask: torch.Tensor | None,
+    kind: str,
+    grad_rows: torch.Tensor,
+    backend: str,
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The rows of ``attention_kl_rows`` and, from the same read, the gradients of its backward."""
+    return _backend.module(backend).attention_forward_with_grad(
+        [s.contiguous() for s in students], [t.contiguous() for t in teachers], mask, kind, grad_rows
+    )
+
+
+@attention_kl_rows_with_grad.register_fake
+def _(students, teachers, mask, kind, grad_rows, backend):
+    rows, _ = attention_kl_rows(students, teachers, mask, kind, backend)
+    return rows, [torch.empty_like(s, memory_format=torch.contiguous_format) for s in students]
+
+
 def attention_kl(student, teacher, *, mask: torch.Tensor | None = None, kind: str = "probs", reduction: str = "mean"):
     """KL(teacher || student) between attention distributions over keys, per query row.
 
@@ -118,7 +139,15 @@ def attention_kl(student, teacher, *, mask: torch.Tensor | None = None, kind: st
                 f"got Lq={lq}, Lk={lk}"
             )
     backend = _backend.resolve(device)
-    rows, _ = attention_kl_rows(students, [t.detach() for t in teachers], mask_rows, kind, backend)
+    teachers = [t.detach() for t in teachers]
     row_shapes = [tuple(s.shape[:3]) for s in students]
     heads = [s.shape[1] for s in students]
+    if _one_pass.applies(students, reduction):
+        detached = [s.detach() for s in students]
+        return _one_pass.loss(
+            lambda grad_rows: attention_kl_rows_with_grad(detached, teachers, mask_rows, kind, grad_rows, backend),
+            students, row_shapes, mask_rows, reduction, is_sequence, backend, acc_dtype(*students, *teachers),
+            rows_per_mask_row=heads,
+        )
+    rows, _ = attention_kl_rows(students, teachers, mask_rows, kind, backend)
     return reduce_rows(rows, row_shapes, mask_rows, reduction, is_sequence, rows_per_mask_row=heads)

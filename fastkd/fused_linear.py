@@ -2,7 +2,7 @@
 
 Path: ``fused_linear_kl`` validates, picks a backend (``fastkd._backend``) and calls the custom op
 ``fastkd::fused_linear_kl``, which runs ``fused_linear_kl_forward``: token chunks of two GEMMs, the
-backend's per-row logit kernels (``logit_forward`` / ``logit_backward`` of ``fastkd/backends``) and
+backend's one-pass per-row logit kernel (``logit_forward_with_grad`` of ``fastkd/backends``) and
 two gradient GEMMs. The gradients are finished in the forward pass; backward only scales them by
 ``grad_output``.
 """
@@ -70,8 +70,8 @@ def fused_linear_kl_forward(
     float32 ``[N]`` mask of 0/1 (or None). For each chunk of rows::
 
         s, t      = h_s[c] @ W_s.T + b_s, h_t[c] @ W_t.T + b_t       (each in its own dtype)
-        rows      = logit_forward(s, t)                              (T^2 kl per row, masked rows 0)
-        dlogits   = logit_backward(s, t, grad_rows = m[c] / n)       (= T m (q - p) / n)
+        rows, dlogits = logit_forward_with_grad(s, t, grad_rows = m[c] / n)
+                  (T^2 kl per row, masked rows 0; dlogits = T m (q - p) / n, from one read of s, t)
         grad_h[c] = dlogits @ W_s;  grad_W += dlogits.T @ h_s[c];  grad_b += sum_rows dlogits
 
     with ``n = max(sum m, 1)`` kept on the device. ``grad_W`` and ``grad_b`` accumulate in float32
@@ -93,11 +93,13 @@ def fused_linear_kl_forward(
         student = F.linear(hidden, student_weight, student_bias).unsqueeze(0)
         teacher = F.linear(teacher_hidden[chunk], teacher_weight, teacher_bias).unsqueeze(0)
         chunk_mask = None if mask is None else mask[chunk]
-        rows, stats = kernels.logit_forward(student, teacher, chunk_mask, temperature)
-        loss += rows.sum()
         if grad_hidden or grad_weight or grad_bias:
-            grad_rows = torch.full_like(rows, 1 / n) if chunk_mask is None else chunk_mask.to(rows.dtype) / n
-            dlogits = kernels.logit_backward(student, teacher, chunk_mask, temperature, stats, grad_rows)[0]
+            grad_rows = hidden.new_full((student.shape[1],), 1 / n, dtype=acc) if chunk_mask is None else chunk_mask.to(acc) / n
+            rows, dlogits = kernels.logit_forward_with_grad(student, teacher, chunk_mask, temperature, grad_rows)
+            dlogits = dlogits[0]
+        else:
+            rows, _ = kernels.logit_forward(student, teacher, chunk_mask, temperature)
+        loss += rows.sum()
         del student, teacher  # free the chunk's logits before the gradient GEMMs and the next chunk
         if grad_hidden:
             torch.mm(dlogits, student_weight, out=g_hidden[chunk])

@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from fastkd import _backend
+from fastkd import _backend, _one_pass
 from fastkd._layout import acc_dtype, rows_view
 from fastkd._reduction import reduce_rows
 from fastkd._validation import check_mask, check_pair, check_reduction, check_temperature
@@ -71,6 +71,28 @@ def _backward(ctx, grad_rows, grad_stats):
 logit_kl_rows.register_autograd(_backward, setup_context=_setup_context)
 
 
+@torch.library.custom_op("fastkd::logit_kl_rows_with_grad", mutates_args=())
+def logit_kl_rows_with_grad(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    mask: torch.Tensor | None,
+    temperature: float,
+    grad_rows: torch.Tensor,
+    backend: str,
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The rows of ``logit_kl_rows`` and, from the same read, ``[grad_rows * T * (q - p)]``."""
+    rows, grad = _backend.module(backend).logit_forward_with_grad(
+        rows_view(student), rows_view(teacher), mask, temperature, grad_rows
+    )
+    return rows, [grad.view(student.shape)]
+
+
+@logit_kl_rows_with_grad.register_fake
+def _(student, teacher, mask, temperature, grad_rows, backend):
+    rows, _ = logit_kl_rows(student, teacher, mask, temperature, backend)
+    return rows, [torch.empty_like(student, memory_format=torch.contiguous_format)]
+
+
 def logit_kl(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
@@ -100,5 +122,13 @@ def logit_kl(
     if mask_rows is not None:
         mask_rows = mask_rows.view(-1)
     backend = _backend.resolve(student_logits.device)
-    rows, _ = logit_kl_rows(student_logits, teacher_logits.detach(), mask_rows, temperature, backend)
+    teacher_logits = teacher_logits.detach()
+    if _one_pass.applies([student_logits], reduction):
+        student = student_logits.detach()
+        return _one_pass.loss(
+            lambda grad_rows: logit_kl_rows_with_grad(student, teacher_logits, mask_rows, temperature, grad_rows, backend),
+            [student_logits], [tuple(leading)], mask_rows, reduction, False, backend,
+            acc_dtype(student_logits, teacher_logits),
+        )
+    rows, _ = logit_kl_rows(student_logits, teacher_logits, mask_rows, temperature, backend)
     return reduce_rows(rows, [tuple(leading)], mask_rows, reduction, is_sequence=False)

@@ -68,6 +68,14 @@ def device(request):
     fastkd.set_backend("auto")
 
 
+@pytest.fixture(params=["auto", "two"], ids=["one-pass", "two-pass"])
+def passes(request):
+    """A loss's one-pass path where it applies (``"auto"``), or always its two-pass path."""
+    fastkd._one_pass.set_passes(request.param)
+    yield request.param
+    fastkd._one_pass.set_passes("auto")
+
+
 @pytest.fixture(autouse=True)
 def seed(request):
     """Fresh random inputs for every test, reproducible from the test's id."""

@@ -91,14 +91,21 @@ def test_attention_stats_and_rows_that_contribute_nothing(device):
 
 def run_every_loss(device):
     """Forward and backward of each loss (each attention kind, and from queries and keys) on small
-    tensors of ``device``."""
+    tensors of ``device``, two-pass and one-pass (backward under an upstream gradient of 2, so that
+    the one-pass gradient is scaled)."""
     s = torch.randn(2, 3, 50, device=device, requires_grad=True)
     t = torch.randn(2, 3, 50, device=device)
-    fastkd.logit_kl(s, t, temperature=2.0).backward()
-    fastkd.hidden_mse([s, s[:, :2]], [t, t[:, :2]]).backward()
-    for kind in ("probs", "scores"):
-        maps = torch.softmax(torch.randn(2, 2, 4, 4, device=device), -1).requires_grad_()
-        fastkd.attention_kl(maps, torch.softmax(torch.randn(2, 2, 4, 4, device=device), -1), kind=kind).backward()
+    for passes in ("two", "auto"):
+        fastkd.set_passes(passes)
+        try:
+            (2 * fastkd.logit_kl(s, t, temperature=2.0)).backward()
+            (2 * fastkd.hidden_mse([s, s[:, :2]], [t, t[:, :2]])).backward()
+            for kind in ("probs", "scores"):
+                maps = torch.softmax(torch.randn(2, 2, 4, 4, device=device), -1).requires_grad_()
+                teacher = torch.softmax(torch.randn(2, 2, 4, 4, device=device), -1)
+                (2 * fastkd.attention_kl(maps, teacher, kind=kind)).backward()
+        finally:
+            fastkd.set_passes("auto")
     query = torch.randn(2, 2, 5, 16, device=device, requires_grad=True)
     fastkd.attention_kl_qk(query, query[:, :1], torch.randn(2, 2, 5, 8, device=device),
                            torch.randn(2, 2, 5, 8, device=device), causal=True).backward()

@@ -1,5 +1,6 @@
-"""CUDA only: each loss's forward and backward captured in a ``torch.cuda.CUDAGraph`` and replayed on
-new inputs (new students, teachers, masks and upstream gradients copied into the static buffers),
+"""CUDA only: each loss's forward and backward, one-pass and two-pass, captured in a
+``torch.cuda.CUDAGraph`` and replayed on new inputs (new students, teachers, masks and upstream
+gradients, 1 and others, copied into the static buffers),
 checked against the float64 formula after every replay; and each loss run under
 ``torch.cuda.set_sync_debug_mode("error")``, which raises on any host synchronisation."""
 
@@ -84,7 +85,7 @@ def reference(name, ref, s, t, mask, reduction, options, upstream):
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 @pytest.mark.parametrize("name", NAMES)
 @pytest.mark.parametrize("backend", ["triton", "torch"])
-def test_cuda_graph_replay(backend, name, reduction, dtype):
+def test_cuda_graph_replay(backend, name, reduction, dtype, passes):
     fastkd.set_backend(backend)
     try:
         fn, ref, s0, t0, m0, options = draw(name, dtype)
@@ -118,7 +119,9 @@ def test_cuda_graph_replay(backend, name, reduction, dtype):
         loss_rtol, grad_rtol = tolerances(s[0])
         for trial, mask_kind in enumerate(["random", "random", "zeros", "random"]):
             _, _, s1, t1, m1, _ = draw(name, dtype, mask_kind)
-            u1 = [torch.randn(shape) for shape in shapes]
+            # a scalar loss's upstream gradient: 1 (the one-pass fast path) and others, in turn
+            u1 = [torch.ones(shape) if trial % 2 == 0 and reduction != "none" else torch.randn(shape)
+                  for shape in shapes]
             with torch.no_grad():
                 for dst, src in zip(s + t + [mask] + upstream, s1 + t1 + [m1] + u1):
                     dst.copy_(src)

@@ -1,6 +1,6 @@
-"""Every loss, on every backend, against the float64 formulas of ``reference.py``: values, dtypes and
-student gradients under a random upstream gradient, over shapes, masks, dtypes, strides,
-temperatures, extreme values and sequences of layer pairs."""
+"""Every loss, on every backend, one-pass and two-pass, against the float64 formulas of
+``reference.py``: values, dtypes and student gradients under a random upstream gradient, over
+shapes, masks, dtypes, strides, temperatures, extreme values and sequences of layer pairs."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from reference import reference_loss, run_and_compare
 
 import fastkd
 
-pytestmark = pytest.mark.usefixtures("nan_empty")
+pytestmark = pytest.mark.usefixtures("nan_empty", "passes")
 
 REDUCTIONS = ["mean", "sum", "none"]
 MASKS = ["none", "random", "zeros"]

@@ -1,6 +1,6 @@
 """Backends: modules that compute the per-row values of the three losses and their gradients.
 
-Every backend module (``torch_ref``, ``triton``, ``native``) defines the same eight functions. The
+Every backend module (``torch_ref``, ``triton``, ``native``) defines the same twelve functions. The
 public API (``fastkd.hidden``, ``fastkd.attention``, ``fastkd.attention_qk``, ``fastkd.logit``) validates the inputs, brings
 them into the layouts below and calls these through ``torch.library`` custom ops; backends never
 validate, never reduce over rows and never synchronise with the host.
@@ -44,6 +44,19 @@ Functions::
     attention_qk_forward(student_q, student_k, teacher_q, teacher_k, scales, mask, causal) -> (rows, stats)
     attention_qk_backward(student_q, student_k, teacher_q, teacher_k, scales, mask, causal, stats,
                           grad_rows) -> (grads_q, grads_k)
+
+One pass (``fastkd._one_pass``): ``grad_rows`` known before the row pass, the forward also writes
+the gradient, each input element read once from memory; ``rows`` are those of the forward, the
+gradients those the backward would return for these ``grad_rows``::
+
+    hidden_forward_with_grad(students, teachers, mask, grad_rows) -> (rows, grads)
+    attention_forward_with_grad(students, teachers, mask, kind, grad_rows) -> (rows, grads)
+    logit_forward_with_grad(student, teacher, mask, temperature, grad_rows) -> (rows, grad)
+    scale_gradients_(grads, upstream, expected) -> None
+
+``scale_gradients_`` multiplies each gradient in place by ``upstream / expected`` (0-d tensors of
+the loss's dtype, read on the device by the kernel: no host synchronisation), by 0 where
+``expected == 0``, and reads and writes nothing when ``upstream == expected``.
 
 ``attention_qk_*`` take lists (layer pairs) of contiguous queries ``[B, H, L, d]`` and keys
 ``[B, H_kv, L, d]`` (``H % H_kv == 0``; query head ``h`` reads key head ``h // (H / H_kv)``), ``scales``

@@ -34,35 +34,42 @@ def _block_mask(mask: torch.Tensor | None, start: int, rows: int, like: torch.Te
 # ---------------------------------------------------------------------------------------- hidden
 
 
-def hidden_forward(students, teachers, mask):
-    """rows = sum_d (s - t)^2 / D per row of each pair, concatenated; masked rows 0."""
-    out = []
-    for s, t in zip(students, teachers):
-        rows = torch.zeros(s.shape[0] * s.shape[1], dtype=acc_dtype(s, t), device=s.device)
-        for start, cols, i in _row_blocks(s):
-            diff = s[i, cols].to(rows.dtype) - t[i, cols].to(rows.dtype)
-            value = diff.square().sum(-1) / s.shape[-1]
-            valid = _block_mask(mask, start, value.shape[0], s)
-            rows[start : start + value.shape[0]] = torch.where(valid, value, 0)
-        out.append(rows)
-    return torch.cat(out)
-
-
-def hidden_backward(students, teachers, mask, grad_rows):
-    """d rows / d s = 2 (s - t) / D, times grad_rows; 0 on masked rows."""
-    grads, offset = [], 0
+def _hidden(students, teachers, mask, grad_rows, with_rows):
+    """(rows or None, grads or None): rows = sum_d (s - t)^2 / D per row of each pair, concatenated;
+    with ``grad_rows``, grads = grad_rows * 2 (s - t) / D; masked rows 0 in both."""
+    out, grads, offset = [], [], 0
     for s, t in zip(students, teachers):
         acc = acc_dtype(s, t)
-        grad = torch.empty(s.shape, dtype=s.dtype, device=s.device)
+        rows = torch.zeros(s.shape[0] * s.shape[1], dtype=acc, device=s.device) if with_rows else None
+        grad = None if grad_rows is None else torch.empty(s.shape, dtype=s.dtype, device=s.device)
         for start, cols, i in _row_blocks(s):
             diff = s[i, cols].to(acc) - t[i, cols].to(acc)
             n = diff.shape[0]
             valid = _block_mask(mask, start, n, s)
-            scale = grad_rows[offset + start : offset + start + n].to(acc) * (2.0 / s.shape[-1])
-            grad[i, cols] = torch.where(valid[:, None], diff * scale[:, None], 0).to(s.dtype)
+            if with_rows:
+                rows[start : start + n] = torch.where(valid, diff.square().sum(-1) / s.shape[-1], 0)
+            if grad is not None:
+                scale = grad_rows[offset + start : offset + start + n].to(acc) * (2.0 / s.shape[-1])
+                grad[i, cols] = torch.where(valid[:, None], diff * scale[:, None], 0).to(s.dtype)
+        out.append(rows)
         grads.append(grad)
         offset += s.shape[0] * s.shape[1]
-    return grads
+    return (torch.cat(out) if with_rows else None), (grads if grad_rows is not None else None)
+
+
+def hidden_forward(students, teachers, mask):
+    """rows = sum_d (s - t)^2 / D per row of each pair, concatenated; masked rows 0."""
+    return _hidden(students, teachers, mask, None, True)[0]
+
+
+def hidden_backward(students, teachers, mask, grad_rows):
+    """d rows / d s = 2 (s - t) / D, times grad_rows; 0 on masked rows."""
+    return _hidden(students, teachers, mask, grad_rows, False)[1]
+
+
+def hidden_forward_with_grad(students, teachers, mask, grad_rows):
+    """Both of the above from one read of each block."""
+    return _hidden(students, teachers, mask, grad_rows, True)
 
 
 # ------------------------------------------------------------------------------------- attention
@@ -108,17 +115,22 @@ def _exp_minus_lse(x: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
 
 
 def _attention_terms(s, t, mask, kind, b, heads, acc):
-    """(p, log p - log q, keep, lse_s, lse_t) of one block."""
+    """(p, log p - log q, keep, lse_s, lse_t, d kl / d s) of one block."""
     sb, tb = s[b, heads].to(acc), t[b, heads].to(acc)
     if kind == "probs":
         keep = tb > 0
         log_ratio = torch.log(torch.where(keep, tb, 1)) - torch.log(sb.clamp_min(TINY))
-        return tb, log_ratio, keep, None, None
+        return tb, log_ratio, keep, None, None, _probs_dkl(sb, tb)
     keep = _kept_keys(s, t, mask, b, heads)
     log_q, lse_s = _log_softmax(sb, keep)
     log_p, lse_t = _log_softmax(tb, keep)
     p = torch.where(keep, log_p.exp(), 0)
-    return p, log_p - log_q, keep, lse_s, lse_t
+    return p, log_p - log_q, keep, lse_s, lse_t, torch.where(keep, log_q.exp() - p, 0)
+
+
+def _probs_dkl(q: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """kind="probs": d kl / d q = -p / q where p > 0 and q >= TINY, else 0."""
+    return torch.where((p > 0) & (q >= TINY), -p / q, 0)
 
 
 def _contributes(valid: torch.Tensor, lse_t: torch.Tensor) -> torch.Tensor:
@@ -133,16 +145,18 @@ def _row_valid(mask, b, heads, lq, device):
     return (mask[b] != 0)[None, :, None].expand(1, lq, 1)
 
 
-def attention_forward(students, teachers, mask, kind):
-    """rows = sum_k p_k (log p_k - log q_k) per query row, pairs concatenated; see fastkd.attention."""
-    out_rows, out_stats = [], []
+def _attention(students, teachers, mask, kind, grad_rows):
+    """(rows, stats, grads or None): the forward's rows and stats; with ``grad_rows`` also the
+    gradients ``grad_rows * d kl / d s`` from the same read of each block."""
+    out_rows, out_stats, grads, offset = [], [], [], 0
     for s, t in zip(students, teachers):
         batch, heads, lq, _ = s.shape
         acc = acc_dtype(s, t)
         rows = torch.zeros(batch, heads, lq, dtype=acc, device=s.device)
         stats = torch.zeros(2, batch, heads, lq, dtype=torch.float64, device=s.device)
+        grad = None if grad_rows is None else torch.empty(s.shape, dtype=s.dtype, device=s.device)
         for b, hs in _attention_blocks(s):
-            p, log_ratio, keep, lse_s, lse_t = _attention_terms(s, t, mask, kind, b, hs, acc)
+            p, log_ratio, keep, lse_s, lse_t, dkl = _attention_terms(s, t, mask, kind, b, hs, acc)
             valid = _row_valid(mask, b, hs, lq, s.device)[..., 0]
             if kind == "scores":
                 valid = _contributes(valid, lse_t)
@@ -150,10 +164,27 @@ def attention_forward(students, teachers, mask, kind):
                 stats[1, b, hs] = torch.where(valid, lse_t, -torch.inf)
             kl = torch.where(keep, p * log_ratio, 0).sum(-1)
             rows[b, hs] = torch.where(valid, kl, 0)
+            if grad is not None:
+                scale = grad_rows[offset : offset + batch * heads * lq].view(batch, heads, lq)[b, hs].to(acc)
+                grad[b, hs] = torch.where(valid[..., None], dkl * scale[..., None], 0).to(s.dtype)
         out_rows.append(rows.reshape(-1))
         out_stats.append(stats.reshape(2, -1))
+        grads.append(grad)
+        offset += batch * heads * lq
     stats = torch.cat(out_stats, dim=1)
-    return torch.cat(out_rows), stats if kind == "scores" else stats[:, :0]
+    return torch.cat(out_rows), stats if kind == "scores" else stats[:, :0], grads
+
+
+def attention_forward(students, teachers, mask, kind):
+    """rows = sum_k p_k (log p_k - log q_k) per query row, pairs concatenated; see fastkd.attention."""
+    rows, stats, _ = _attention(students, teachers, mask, kind, None)
+    return rows, stats
+
+
+def attention_forward_with_grad(students, teachers, mask, kind, grad_rows):
+    """The rows above and the gradients of attention_backward, from one read of each block."""
+    rows, _, grads = _attention(students, teachers, mask, kind, grad_rows)
+    return rows, grads
 
 
 def attention_backward(students, teachers, mask, kind, stats, grad_rows):
@@ -168,7 +199,7 @@ def attention_backward(students, teachers, mask, kind, stats, grad_rows):
             valid = _row_valid(mask, b, hs, lq, s.device)
             sb, tb = s[b, hs].to(acc), t[b, hs].to(acc)
             if kind == "probs":
-                dkl = torch.where((tb > 0) & (sb >= TINY), -tb / sb, 0)
+                dkl = _probs_dkl(sb, tb)
             else:
                 keep = _kept_keys(s, t, mask, b, hs)
                 lse_s = _lse(stats[0], offset, b, hs, batch, heads, lq)
@@ -190,12 +221,14 @@ def _lse(stat_row, offset, b, hs, batch, heads, lq):
 # ----------------------------------------------------------------------------------------- logit
 
 
-def logit_forward(student, teacher, mask, temperature):
-    """rows = T^2 sum_v p_v (log p_v - log q_v), p = softmax(t / T), q = softmax(s / T); stats = lses."""
+def _logit(student, teacher, mask, temperature, grad_rows):
+    """(rows, stats, grad or None): the forward's rows and stats; with ``grad_rows`` also the
+    gradient ``grad_rows * T (q - p)`` from the same read of each block."""
     count = student.shape[0] * student.shape[1]
     acc = acc_dtype(student, teacher)
     rows = torch.zeros(count, dtype=acc, device=student.device)
     stats = torch.zeros(2, count, dtype=torch.float64, device=student.device)
+    grad = None if grad_rows is None else torch.empty(student.shape, dtype=student.dtype, device=student.device)
     for start, cols, i in _row_blocks(student):
         s = student[i, cols].to(acc) / temperature
         t = teacher[i, cols].to(acc) / temperature
@@ -208,7 +241,22 @@ def logit_forward(student, teacher, mask, temperature):
         rows[start:end] = torch.where(valid, temperature**2 * kl, 0)
         stats[0, start:end] = torch.where(valid, lse_s, -torch.inf)
         stats[1, start:end] = torch.where(valid, lse_t, -torch.inf)
+        if grad is not None:
+            scale = grad_rows[start:end].to(acc) * temperature
+            grad[i, cols] = torch.where(valid[:, None], (log_q.exp() - p) * scale[:, None], 0).to(student.dtype)
+    return rows, stats, grad
+
+
+def logit_forward(student, teacher, mask, temperature):
+    """rows = T^2 sum_v p_v (log p_v - log q_v), p = softmax(t / T), q = softmax(s / T); stats = lses."""
+    rows, stats, _ = _logit(student, teacher, mask, temperature, None)
     return rows, stats
+
+
+def logit_forward_with_grad(student, teacher, mask, temperature, grad_rows):
+    """The rows above and the gradient of logit_backward, from one read of each block."""
+    rows, _, grad = _logit(student, teacher, mask, temperature, grad_rows)
+    return rows, grad
 
 
 def logit_backward(student, teacher, mask, temperature, stats, grad_rows):
@@ -230,3 +278,11 @@ def logit_backward(student, teacher, mask, temperature, stats, grad_rows):
 
 # attention_kl_qk: query chunks of scores through this backend's attention_forward/backward
 attention_qk_forward, attention_qk_backward = qk_chunks.through(attention_forward, attention_backward)
+
+
+def scale_gradients_(grads, upstream, expected):
+    """grads *= upstream / expected (0 where expected == 0), in torch ops: this backend pays the pass
+    over the gradients whatever the values (a Python test of them would synchronise with the host)."""
+    factor = torch.where(expected == 0, 0, upstream / expected)
+    for grad in grads:
+        grad.mul_(factor)
