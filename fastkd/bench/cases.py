@@ -119,6 +119,29 @@ def fastkd_attention_kl(students, teachers, mask):
     return fastkd.attention_kl(students, teachers, mask=mask)
 
 
+def two_pass(fastkd_fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``fastkd_fn`` on fastkd's two-pass path (``fastkd.set_passes("two")`` while it runs): the
+    backward reads student and teacher again, beside the default one-pass path."""
+
+    def call(**inputs):
+        import fastkd
+
+        previous = fastkd.get_passes()
+        fastkd.set_passes("two")
+        try:
+            return fastkd_fn(**inputs)
+        finally:
+            fastkd.set_passes(previous)
+
+    return call
+
+
+TWO_PASS_CONFIG = (
+    "the same fastkd call on its two-pass path (set_passes('two')): forward reads student and teacher, "
+    "backward reads both again and writes the gradient"
+)
+
+
 # --------------------------------------------------------------------------------------------
 # Liger-Kernel: LigerKLDIVLoss takes log-probabilities and has no mask, so the valid rows are
 # selected by boolean indexing first, as a Liger user would.
@@ -287,8 +310,10 @@ def loss_case(op: str, device: str, size: str) -> Case:
         pairs, layer_shape = args
         shape, numel = f"{pairs} x {list(layer_shape)}", pairs * math.prod(layer_shape)
     elt = torch.empty((), dtype=dtype).element_size()
-    impls = _impls(torch_fn, fastkd_fn, liger_fn, device)
-    configs = {"liger": LIGER_CONFIGS[op]} if op in LIGER_CONFIGS else {}
+    impls = {**_impls(torch_fn, fastkd_fn, liger_fn, device), "fastkd_two_pass": two_pass(fastkd_fn)}
+    configs = {"fastkd_two_pass": TWO_PASS_CONFIG}
+    if op in LIGER_CONFIGS:
+        configs["liger"] = LIGER_CONFIGS[op]
     for name, (fn, config) in _EXTRA_IMPLS.get(op, {}).items():
         impls[name], configs[name] = fn, config
     return Case(

@@ -63,6 +63,7 @@ import torch
 from torch import nn
 
 import fastkd
+from fastkd import _one_pass
 from fastkd._validation import check_choice, check_temperature
 from fastkd.fused_linear import fused_linear_kl
 from fastkd.masks import logit_mask
@@ -384,12 +385,19 @@ class StageRunner:
         losses = []
         if "hidden" in stage.losses:
             hidden = [p(h) for p, h in zip(self.projections, s.hidden)] if self.projections else s.hidden
-            losses.append(fastkd.hidden_mse(hidden, t.hidden, mask=mask))
+            with self._weight_expected("hidden"):
+                losses.append(fastkd.hidden_mse(hidden, t.hidden, mask=mask))
         if "att" in stage.losses:
-            losses.append(self._attention_loss(s, t, mask))
+            with self._weight_expected("att"):
+                losses.append(self._attention_loss(s, t, mask))
         if "logit" in stage.losses:
             losses.append(self._logit_loss(batch, s, t))
         return self._weighted(stage, losses)
+
+    def _weight_expected(self, name: str):
+        """One-pass losses computed in this block write their gradient for the upstream gradient
+        ``w`` they get from the weighted total (see fastkd._one_pass), not for 1."""
+        return _one_pass.expected_upstream(self._weights[LOSSES.index(name)])
 
     def _weighted(self, stage: Stage, losses: list[torch.Tensor]) -> torch.Tensor:
         """``[sum(w * L), *L]`` in float32, with this step's weights ``w`` read from ``self._weights``."""
