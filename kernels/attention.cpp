@@ -205,6 +205,9 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> attention_pass(
             continue;
           }
           SoftmaxKL<acc_t> kl;
+          if (grad_row != nullptr) {
+            scratch.start_row(grad_row);
+          }
           const acc_t* row_bias = bias.empty() ? nullptr : bias.data() + pair.batch_of(r) * cols;
           for (int64_t c = 0; row_valid && c < cols; c += kBlock) {
             const int64_t n = std::min(kBlock, cols - c);

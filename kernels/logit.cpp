@@ -48,6 +48,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> logit_pass(
         lse_s[r] = lse_t[r] = kNoEntries;
         s_t* grad_row = grad_base == nullptr ? nullptr : grad_base + r * cols;
         SoftmaxKL<acc_t> kl;
+        if (grad_row != nullptr) {
+          scratch.start_row(grad_row);
+        }
         if (valid == nullptr || valid[r] != 0) {
           const s_t* s_row = s_rows.row(s_base, r);
           const t_t* t_row = t_rows.row(t_base, r);

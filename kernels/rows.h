@@ -356,8 +356,10 @@ struct SoftmaxKL {
 
 // The one-pass gradient of SoftmaxKL (fastkd._one_pass) over a row of cols entries walked in
 // blocks of kBlock: add hands a block to SoftmaxKL::add, which stores the block's exps here (a
-// per-thread scratch of 2 x cols values, reused row after row, small enough to stay in cache), and
-// records the block's shifts; after the row, write_grad turns the stored exps into
+// per-thread scratch of 2 x cols values, reused row after row, small enough to stay in cache; the
+// student's exps go straight into the gradient row when it has acc_t's type, so that its lines are
+// fetched while s and t stream in and write_grad rewrites them in cache), and records the block's
+// shifts; after the row, write_grad turns the stored exps into
 //   out_k = g (q_k - p_k),
 //   q_k = exps_s[k] exp(shift_s_b - max_s) / sum_s,
 //   p_k = exps_t[k] exp(shift_t_b - max_t) / sum_t,
@@ -369,10 +371,21 @@ class SoftmaxKLScratch {
   explicit SoftmaxKLScratch(int64_t cols)
       : cols_(cols), exps_(2 * cols), shifts_(2 * ((cols + kBlock - 1) / kBlock)) {}
 
+  // Starts a row whose gradient goes to grad_row: the student's exps are kept there when its
+  // type is acc_t, else in the scratch.
+  template <typename s_t>
+  void start_row(s_t* grad_row) {
+    if constexpr (std::is_same_v<s_t, acc_t>) {
+      exps_s_ = grad_row;
+    } else {
+      exps_s_ = exps_.data();
+    }
+  }
+
   // kl.add of the n entries of the block at column c (a multiple of kBlock), keeping their exps.
   void add(SoftmaxKL<acc_t>& kl, int64_t c, const acc_t* s_raw, const acc_t* t_raw, int64_t n,
            acc_t scale) {
-    kl.add(s_raw, t_raw, n, scale, exps_.data() + c, exps_.data() + cols_ + c);
+    kl.add(s_raw, t_raw, n, scale, exps_s_ + c, exps_.data() + cols_ + c);
     shifts_[2 * (c / kBlock)] = kl.shift_s();
     shifts_[2 * (c / kBlock) + 1] = kl.shift_t();
   }
@@ -391,7 +404,7 @@ class SoftmaxKLScratch {
     };
     for (int64_t c = 0; c < cols_; c += kBlock) {
       const int64_t n = std::min(kBlock, cols_ - c);
-      const acc_t* e_s = exps_.data() + c;
+      const acc_t* e_s = exps_s_ + c;  // (out itself when exps_s_ is the gradient row)
       const acc_t* e_t = exps_.data() + cols_ + c;
       const Vec coef_s(coefficient(g_s, shifts_[2 * (c / kBlock)], kl.max_s));
       const Vec coef_t(coefficient(g_t, shifts_[2 * (c / kBlock) + 1], kl.max_t));
@@ -410,7 +423,8 @@ class SoftmaxKLScratch {
 
  private:
   int64_t cols_;
-  std::vector<acc_t> exps_;    // exps_s at [0, cols), exps_t at [cols, 2 cols)
+  std::vector<acc_t> exps_;    // exps_s at [0, cols) (unless in the gradient row), exps_t at [cols, 2 cols)
+  acc_t* exps_s_ = nullptr;    // where this row's student exps are
   std::vector<acc_t> shifts_;  // shift_s, shift_t of each block
 };
 
