@@ -297,3 +297,15 @@ def test_the_runner_at_4096_is_opt_in():
     opted = select_cases("cpu", "default", ops=["runner_4096"])
     assert [c.shape.split(":")[0] for c in opted] == ["one-stage", "two-stage", "three-stage"]
     assert all(c.opt_in and c.shape.endswith("2x4096") and "teacher 4x256, student 2x128" in c.shape for c in opted)
+
+
+def test_cpu_rounds_rotate_the_order_of_the_steps():
+    """Each step follows each other one equally often, so that what one leaves behind (memory the
+    system takes back, caches) is not always paid by the same next step."""
+    from fastkd.bench.harness import time_cpu
+
+    calls = []
+    steps = {name: (lambda name=name: calls.append(name)) for name in "abc"}
+    times = time_cpu(steps, reps=3)
+    assert {name: len(t) for name, t in times.items()} == {"a": 3, "b": 3, "c": 3}
+    assert calls == ["a", "b", "c", "b", "c", "a", "c", "a", "b"]

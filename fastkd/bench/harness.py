@@ -161,14 +161,19 @@ def check_case(case: Case, inputs: dict[str, Any], failures: list[str] | None = 
 
 def time_cpu(steps: dict[str, Callable[[], Any]], reps: int, budget_s: float = math.inf) -> dict[str, list[float]]:
     """Milliseconds per call of each step, over rounds that call every step once in turn: ``reps``
-    rounds, or fewer (but at least ``MIN_RUNS``) once ``budget_s`` seconds have passed. The steps
-    are warm: the correctness check made their first call."""
+    rounds, or fewer (but at least ``MIN_RUNS``) once ``budget_s`` seconds have passed. Round ``r``
+    starts at the ``r``-th step (the order rotates), so that what a step leaves behind (freed
+    memory the system takes back, caches) falls on each of the others alike. The steps are warm:
+    the correctness check made their first call."""
     times: dict[str, list[float]] = {name: [] for name in steps}
+    names = list(steps)
     begin = time.perf_counter()
     for round_index in range(reps):
         if round_index >= MIN_RUNS and time.perf_counter() - begin > budget_s:
             break
-        for name, step in steps.items():
+        shift = round_index % len(names)
+        for name in names[shift:] + names[:shift]:
+            step = steps[name]
             start = time.perf_counter()
             step()
             times[name].append((time.perf_counter() - start) * 1e3)
