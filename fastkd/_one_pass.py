@@ -3,10 +3,10 @@
 A loss is two-pass when its forward reads student and teacher, and its backward reads both again
 to write the gradient: 5 input-sized units of memory traffic. When the student requires grad and
 the reduction is a scalar (``"mean"`` or ``"sum"``), ``d loss / d rows`` is known before the row
-pass (``row_weights``: ``m_i / n`` for ``"mean"``, with ``n`` a device tensor), so the forward
-kernel can write ``grad = d loss / d student`` for an *expected* upstream gradient ``u`` (1, or the
-runner's stage weight) while it reads the inputs: 3 units. ``attach`` gives the loss a backward
-that calls ``scale_gradients_``: a kernel that reads the upstream gradient ``g`` on the device and
+pass (``fastkd._reduction.row_weights``: ``m_i / n`` for ``"mean"``, with ``n`` a device tensor), so
+the forward kernel can write ``grad = d loss / d student`` for an *expected* upstream gradient ``u``
+(1, or the runner's stage weight) while it reads the inputs: 3 units. ``with_gradients`` gives the
+loss a backward that calls ``scale_gradients_``: a kernel that reads the upstream gradient ``g`` on the device and
 returns at once when ``g == u`` (``loss.backward()``, ``kd + ce``), and otherwise scales the
 gradient in place by ``g / u``. Nothing input-sized is read in backward on the fast path, and
 nothing synchronises with the host on either path.
@@ -20,13 +20,12 @@ both). The one-pass backward runs once: a second backward through the same loss
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 
 import torch
 
 from fastkd import _backend
-from fastkd._reduction import reduce_rows
+from fastkd._reduction import reduce_rows, row_weights
 from fastkd._validation import check_choice
 
 PASSES = ("auto", "two")
@@ -66,33 +65,6 @@ def applies(students: list[torch.Tensor], reduction: str) -> bool:
         and torch.is_grad_enabled()
         and any(s.requires_grad for s in students)
     )
-
-
-def row_weights(
-    row_shapes: list[tuple[int, ...]],
-    mask_rows: torch.Tensor | None,
-    reduction: str,
-    rows_per_mask_row: list[int] | None,
-    dtype: torch.dtype,
-    device: torch.device,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(``u * d loss / d rows`` for ``fastkd._reduction.reduce_rows``, the expected upstream ``u``).
-
-    ``"sum"``: ``u`` on every row; ``"mean"``: ``u / (P * valid_p)`` on pair ``p``'s rows, with
-    ``valid_p`` its row count, or ``rows_per_mask_row[p] * max(sum mask, 1)`` (a device tensor)
-    with a mask. Masked rows get their weight too: kernels write 0 there whatever the weight.
-    """
-    expected = torch.as_tensor(_expected[-1], dtype=dtype, device=device).reshape(())
-    sizes = [math.prod(shape) for shape in row_shapes]
-    if reduction == "sum":
-        return expected.expand(sum(sizes)).contiguous(), expected
-    if mask_rows is None:
-        per_pair = [expected / (len(sizes) * max(size, 1)) for size in sizes]
-    else:
-        valid = mask_rows.sum(dtype=dtype).clamp_min(1)
-        per_pair = [expected / (len(sizes) * heads * valid) for heads in rows_per_mask_row or [1] * len(sizes)]
-    weights = torch.cat([w.expand(size) for w, size in zip(per_pair, sizes)])
-    return weights, expected
 
 
 @torch.library.custom_op("fastkd::with_gradients", mutates_args=())
@@ -155,7 +127,7 @@ def loss(rows_with_grad, students, row_shapes, mask_rows, reduction, is_sequence
     """A loss through the one-pass path: ``rows_with_grad(grad_rows) -> (rows, grads)`` runs a
     backend's ``*_forward_with_grad`` on the rows' weights; the rows are reduced as the two-pass
     path reduces them, and the gradients are attached to ``students``."""
-    grad_rows, expected = row_weights(row_shapes, mask_rows, reduction, rows_per_mask_row, dtype, students[0].device)
-    rows, grads = rows_with_grad(grad_rows)
+    expected = torch.as_tensor(_expected[-1], dtype=dtype, device=students[0].device).reshape(())
+    rows, grads = rows_with_grad(row_weights(row_shapes, mask_rows, reduction, rows_per_mask_row, expected))
     value = reduce_rows(rows, row_shapes, mask_rows, reduction, is_sequence, rows_per_mask_row)
     return with_gradients(value, students, grads, expected, backend)
