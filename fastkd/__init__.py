@@ -13,7 +13,7 @@ from fastkd.attention import attention_kl
 from fastkd.attention_qk import attention_kl_qk, relation_kl
 from fastkd.fused_linear import FusedLinearKLLoss, fused_linear_kl
 from fastkd.hidden import hidden_mse
-from fastkd.logit import logit_kl
+from fastkd.logit import LogitParts, logit_kl
 from fastkd.masks import logit_mask
 from fastkd.modules import AttentionKLLoss, HiddenMSELoss, LogitKLLoss
 from fastkd.runner import Schedule, Stage, StageRunner
@@ -23,6 +23,7 @@ __all__ = [
     "FusedLinearKLLoss",
     "HiddenMSELoss",
     "LogitKLLoss",
+    "LogitParts",
     "Schedule",
     "Stage",
     "StageRunner",

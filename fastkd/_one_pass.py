@@ -122,12 +122,17 @@ def _(grads, upstream, expected, backend):
     return None
 
 
+def expected_tensor(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """The upstream gradient a one-pass forward writes its gradient for, as a 0-d tensor."""
+    return torch.as_tensor(_expected[-1], dtype=dtype, device=device).reshape(())
+
+
 def loss(rows_with_grad, students, row_shapes, mask_rows, reduction, is_sequence, backend, dtype,
          rows_per_mask_row=None):
     """A loss through the one-pass path: ``rows_with_grad(grad_rows) -> (rows, grads)`` runs a
     backend's ``*_forward_with_grad`` on the rows' weights; the rows are reduced as the two-pass
     path reduces them, and the gradients are attached to ``students``."""
-    expected = torch.as_tensor(_expected[-1], dtype=dtype, device=students[0].device).reshape(())
+    expected = expected_tensor(dtype, students[0].device)
     rows, grads = rows_with_grad(row_weights(row_shapes, mask_rows, reduction, rows_per_mask_row, expected))
     value = reduce_rows(rows, row_shapes, mask_rows, reduction, is_sequence, rows_per_mask_row)
     return with_gradients(value, students, grads, expected, backend)

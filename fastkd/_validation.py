@@ -1,5 +1,7 @@
 """Input checks shared by every loss: each raises a ValueError or TypeError naming the argument,
-what it got and what it expected, before any kernel runs. Nothing here reads device values."""
+what it got and what it expected, before any kernel runs. Nothing here reads a GPU's values: the
+range of ``labels`` is checked on the host for CPU tensors, and by an asynchronous device assert
+(``torch._assert_async``) on a GPU and under ``torch.compile``."""
 
 from __future__ import annotations
 
@@ -10,6 +12,10 @@ from typing import TypeVar
 import torch
 
 REDUCTIONS = ("mean", "sum", "none")
+DIVERGENCES = ("forward", "reverse", "jsd", "tvd")
+VOCABS = ("exact", "common")
+JSD_DEFAULT_BETA = 0.5  # TRL's GKD and Liger's JSD default
+IGNORE_INDEX = -100  # transformers' label for "no target here"
 Choice = TypeVar("Choice")
 
 
@@ -122,3 +128,74 @@ def check_mask(mask: object, shape: torch.Size, device: torch.device, what: str)
     if mask.device != device:
         raise ValueError(f"mask: on {mask.device}, but the inputs are on {device}")
     return (mask != 0).to(torch.float32).contiguous()
+
+
+def check_divergence(divergence: object, beta: object) -> tuple[str, float]:
+    """``(divergence, beta)``: beta in (0, 1) for ``"jsd"`` (None: 0.5), None for the others
+    (returned as 0.0, which the kernels do not read)."""
+    divergence = check_choice("divergence", divergence, DIVERGENCES)
+    if divergence != "jsd":
+        if beta is not None:
+            raise ValueError(f"beta: only divergence='jsd' takes a beta, got beta={beta!r} with divergence={divergence!r}")
+        return divergence, 0.0
+    if beta is None:
+        return divergence, JSD_DEFAULT_BETA
+    if isinstance(beta, (bool, torch.Tensor)) or not isinstance(beta, (int, float)):
+        raise TypeError(f"beta: expected a Python float in (0, 1), got {type(beta).__name__}")
+    if not 0 < beta < 1:
+        raise ValueError(
+            f"beta: expected a number in the open interval (0, 1), got {beta!r} "
+            "(beta 0 and 1 are divergence='forward' and 'reverse')"
+        )
+    return divergence, float(beta)
+
+
+def check_vocab(vocab: object, v_student: int, v_teacher: int, names: tuple[str, str]) -> int:
+    """The vocabulary size the loss compares: ``V`` for ``"exact"`` (``V_s == V_t`` required), the
+    first ``min(V_s, V_t)`` entries for ``"common"``."""
+    vocab = check_choice("vocab", vocab, VOCABS)
+    if vocab == "exact" and v_student != v_teacher:
+        s_name, t_name = names
+        raise ValueError(
+            f"{t_name}: vocabulary size V_t={v_teacher} differs from {s_name}'s V_s={v_student}; pass "
+            "vocab='common' to compare the first min(V_s, V_t) entries (vocabularies that differ only by "
+            "padding rows)"
+        )
+    return min(v_student, v_teacher)
+
+
+def check_labels(labels: object, shape: torch.Size, device: torch.device, vocab: int, what: str) -> torch.Tensor | None:
+    """``labels`` as a contiguous int64 ``[rows]`` tensor of class ids in ``[0, vocab)`` or -100, or None."""
+    if labels is None:
+        return None
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"labels: expected an integer torch.Tensor or None, got {type(labels).__name__}")
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise TypeError(f"labels: expected an integer tensor (int64) of class ids, got {labels.dtype}")
+    if labels.shape != shape:
+        raise ValueError(f"labels: expected shape {tuple(shape)} ({what}), got {tuple(labels.shape)}")
+    if labels.device != device:
+        raise ValueError(f"labels: on {labels.device}, but the inputs are on {device}")
+    labels = labels.reshape(-1).to(torch.int64).contiguous()
+    in_range = ((labels == IGNORE_INDEX) | ((labels >= 0) & (labels < vocab))).all()
+    message = f"labels: expected class ids in [0, {vocab}) or {IGNORE_INDEX} (ignored)"
+    if labels.device.type == "cpu" and not torch.compiler.is_compiling():
+        if not in_range:
+            raise ValueError(f"{message}, got values from {int(labels.min())} to {int(labels.max())}")
+    else:
+        torch._assert_async(in_range, message)
+    return labels
+
+
+def check_ce_weight(ce_weight: object, labels: torch.Tensor | None) -> float | torch.Tensor:
+    """``ce_weight``: a finite float >= 0 (or a 0-d floating tensor), nonzero only with ``labels``."""
+    if isinstance(ce_weight, torch.Tensor):
+        if ce_weight.dim() != 0 or not ce_weight.is_floating_point():
+            raise TypeError(f"ce_weight: expected a float or a 0-d floating tensor, got a {ce_weight.dtype} tensor of shape {tuple(ce_weight.shape)}")
+    elif isinstance(ce_weight, bool) or not isinstance(ce_weight, (int, float)):
+        raise TypeError(f"ce_weight: expected a float, got {type(ce_weight).__name__}")
+    elif not (math.isfinite(ce_weight) and ce_weight >= 0):
+        raise ValueError(f"ce_weight: expected a finite number >= 0, got {ce_weight!r}")
+    if labels is None and (isinstance(ce_weight, torch.Tensor) or ce_weight != 0):
+        raise ValueError("ce_weight: a hard-label cross-entropy weight needs labels=, got labels=None")
+    return ce_weight if isinstance(ce_weight, torch.Tensor) else float(ce_weight)

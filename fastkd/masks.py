@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-IGNORE_INDEX = -100  # transformers' label for "no target here"
+from fastkd._validation import IGNORE_INDEX
 
 
 def logit_mask(

@@ -32,11 +32,19 @@ class AttentionKLLoss(nn.Module):
 
 
 class LogitKLLoss(nn.Module):
-    """``logit_kl(student_logits, teacher_logits, temperature=temperature, mask=mask, reduction=reduction)``."""
+    """``logit_kl(student_logits, teacher_logits, mask=mask, labels=labels, **options)`` with the
+    options (``temperature``, ``reduction``, ``divergence``, ``beta``, ``ce_weight``, ``vocab``) fixed
+    at construction."""
 
-    def __init__(self, *, temperature: float = 1.0, reduction: str = "mean"):
+    def __init__(self, *, temperature: float = 1.0, reduction: str = "mean", divergence: str = "forward",
+                 beta: float | None = None, ce_weight: float = 0.0, vocab: str = "exact"):
         super().__init__()
         self.temperature, self.reduction = temperature, reduction
+        self.divergence, self.beta, self.ce_weight, self.vocab = divergence, beta, ce_weight, vocab
 
-    def forward(self, student_logits, teacher_logits, mask=None):
-        return logit_kl(student_logits, teacher_logits, temperature=self.temperature, mask=mask, reduction=self.reduction)
+    def forward(self, student_logits, teacher_logits, mask=None, labels=None):
+        return logit_kl(
+            student_logits, teacher_logits, temperature=self.temperature, mask=mask, reduction=self.reduction,
+            divergence=self.divergence, beta=self.beta, labels=labels,
+            ce_weight=self.ce_weight, vocab=self.vocab,
+        )

@@ -5,10 +5,12 @@ weight and bias, over chunkings, masks, temperatures, widths and dtypes; the pro
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from conftest import SYNC_OPS, Recorder, compile_cases
-from reference import assert_close, logit_rows, reduce, rel_err
+from reference import assert_close, logit_loss, rel_err
 
 import fastkd
 from fastkd.fused_linear import (
@@ -46,24 +48,35 @@ def make_inputs(device, lead=(3, 7), d_s=12, d_t=20, vocab=131, bias=True, dtype
     }
 
 
-def reference(inputs, temperature=1.0, mask=None):
+def head_logits(h, w, b, scale=1.0, softcap=None):
+    """The materialised logits of a head: ``(h @ w.T + b) * scale``, soft-capped by ``c tanh(z / c)``."""
+    z = (h @ w.T + (0 if b is None else b)) * scale
+    return z if softcap is None else softcap * torch.tanh(z / softcap)
+
+
+def reference(inputs, temperature=1.0, mask=None, **options):
     """The float64 loss of the materialised logits, differentiable in the student's tensors
-    (returned as float64 leaves: ``(loss, [hidden, weight, bias])``)."""
+    (returned as float64 leaves: ``(loss, [hidden, weight, bias])``); ``options``: those of
+    ``fused_linear_kl`` beyond the tensors (divergence, labels, vocab, softcaps, scales ...)."""
     students = [inputs[k] for k in STUDENT]
     h, w, b = [None if x is None else x.detach().double().cpu().requires_grad_() for x in students]
     h_t, w_t, b_t = [None if inputs[k] is None else inputs[k].detach().double().cpu() for k in TEACHER]
-    s = h @ w.T + (0 if b is None else b)
-    t = h_t @ w_t.T + (0 if b_t is None else b_t)
-    rows = logit_rows(s, t, temperature)
-    return reduce(rows, None if mask is None else mask.cpu(), "mean"), [h, w, b]
+    heads = {side: {"scale": options.pop(f"{side}_logit_scale", 1.0), "softcap": options.pop(f"{side}_softcap", None)}
+             for side in ("student", "teacher")}
+    s = head_logits(h, w, b, **heads["student"])
+    t = head_logits(h_t, w_t, b_t, **heads["teacher"])
+    labels = options.pop("labels", None)
+    loss = logit_loss(s, t, mask=None if mask is None else mask.cpu(), temperature=temperature,
+                      labels=None if labels is None else labels.cpu(), **options)
+    return loss, [h, w, b]
 
 
-def check(inputs, temperature=1.0, mask=None, chunk_size=None, rtol=RTOL, upstream=None, elementwise=True):
+def check(inputs, temperature=1.0, mask=None, chunk_size=None, rtol=RTOL, upstream=None, elementwise=True, **options):
     """fused_linear_kl and the reference agree in loss and in the gradient of every student tensor
     that requires grad, under the same upstream gradient (random unless given); with
     ``elementwise=False`` gradients are compared norm-wise only."""
-    loss = fused_linear_kl(**inputs, temperature=temperature, mask=mask, chunk_size=chunk_size)
-    want, leaves = reference(inputs, temperature, mask)
+    loss = fused_linear_kl(**inputs, temperature=temperature, mask=mask, chunk_size=chunk_size, **options)
+    want, leaves = reference(inputs, temperature, mask, **options)
     assert loss.dtype == torch.float32 and loss.shape == ()
     assert_close(loss.detach(), want.detach(), rtol, "loss")
     g = torch.randn(()) if upstream is None else torch.tensor(upstream)
@@ -98,6 +111,69 @@ def test_matches_reference(device, lead, chunk_size, bias):
 @pytest.mark.parametrize("vocab", [1, 7, 1031], ids=str)  # 1031: prime, no block divides it
 def test_vocab_sizes(device, vocab):
     check(make_inputs(device, lead=(11,), vocab=vocab), chunk_size=4)
+
+
+DIVERGENCES = [{}, {"divergence": "reverse"}, {"divergence": "jsd", "beta": 0.7}, {"divergence": "tvd"}]
+
+
+def random_labels(lead, vocab, device):
+    labels = torch.randint(0, vocab, lead)
+    labels[torch.rand(lead) < 0.2] = -100
+    return labels.to(device)
+
+
+@pytest.mark.parametrize("labelled", [False, True], ids=["kd", "kd+ce"])
+@pytest.mark.parametrize("divergence", DIVERGENCES, ids=lambda d: d.get("divergence", "forward"))
+def test_divergences_and_labels(device, divergence, labelled):
+    """Each divergence, with and without the hard-label cross-entropy, over chunks cut through
+    masked runs and through labelled rows."""
+    inputs = make_inputs(device, lead=(4, 9), vocab=257, logit_std=3.0)
+    mask = (torch.rand(4, 9) < 0.7).to(device)
+    options = dict(divergence)
+    if labelled:
+        options.update(labels=random_labels((4, 9), 257, device), ce_weight=0.6)
+    check(inputs, temperature=2.0, mask=mask, chunk_size=5, **options)
+    if labelled:
+        parts = fused_linear_kl(**inputs, temperature=2.0, mask=mask, chunk_size=5, return_parts=True, **options)
+        kd = fused_linear_kl(**inputs, temperature=2.0, mask=mask, chunk_size=7, **divergence)
+        assert abs(parts.kd.item() - kd.item()) <= 1e-5 * kd.item()
+        assert abs(parts.loss.item() - (parts.kd + 0.6 * parts.ce).item()) <= 1e-5 * parts.loss.item()
+
+
+@pytest.mark.parametrize("larger", ["student", "teacher"])
+def test_vocab_common(device, larger):
+    """``vocab="common"``: the first min(V_s, V_t) rows of both heads; the student's other rows get
+    gradient 0."""
+    inputs = make_inputs(device, lead=(13,), vocab=131)
+    extra = {"student": ("student_weight", "student_bias"), "teacher": ("teacher_weight", "teacher_bias")}[larger]
+    for name in extra:  # 9 padding rows of the larger head
+        x = inputs[name].detach()
+        grown = torch.cat([x, torch.randn(9, *x.shape[1:]).to(x)])
+        inputs[name] = grown.requires_grad_() if x.requires_grad or inputs[name].requires_grad else grown
+    labels = random_labels((13,), 131, device)
+    check(inputs, temperature=2.0, chunk_size=4, vocab="common", labels=labels, ce_weight=0.3, divergence="jsd", beta=0.4)
+    if larger == "student":
+        loss = fused_linear_kl(**inputs, vocab="common", chunk_size=4)
+        g_weight, g_bias = torch.autograd.grad(loss, [inputs["student_weight"], inputs["student_bias"]])
+        assert g_weight[131:].eq(0).all() and g_bias[131:].eq(0).all()
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        {"student_softcap": 3.0, "teacher_softcap": 5.0},  # Gemma-2 style (30.0 there, on larger logits)
+        {"student_logit_scale": 0.0625, "teacher_logit_scale": 0.25},  # Cohere style
+        {"student_logit_scale": 2.0, "student_softcap": 4.0, "teacher_logit_scale": 0.5},
+    ],
+    ids=["softcap", "scale", "both"],
+)
+@pytest.mark.parametrize("divergence", DIVERGENCES[:3], ids=lambda d: d.get("divergence", "forward"))
+def test_transformed_heads(device, head, divergence):
+    """Soft-capped and scaled logits, ``c tanh((h W^T + b) s / c)``: loss and exact gradients
+    through the tanh, with labels on the capped logits."""
+    inputs = make_inputs(device, lead=(3, 7), vocab=131, logit_std=6.0)
+    labels = random_labels((3, 7), 131, device)
+    check(inputs, temperature=1.5, chunk_size=4, labels=labels, ce_weight=0.5, **head, **divergence)
 
 
 def materialised_error(inputs, temperature, mask, upstream):
@@ -373,7 +449,27 @@ def chunk_size_float(x):
     x["chunk_size"] = 2.0
 
 
+def setter(**values):
+    """A change that sets keyword arguments."""
+    return lambda x: x.update(values)
+
+
+LEAD_LABELS = torch.zeros(3, 7, dtype=torch.long)
+
 BAD = [
+    _bad("beta", setter(divergence="jsd", beta=1.0)),
+    _bad("beta", setter(divergence="reverse", beta=0.5)),
+    _bad("divergence", setter(divergence="kl")),
+    _bad("labels", setter(labels=LEAD_LABELS.float())),
+    _bad("labels", setter(labels=LEAD_LABELS[:, :6])),
+    _bad("labels", setter(labels=LEAD_LABELS + 131)),
+    _bad("ce_weight", setter(ce_weight=0.5)),
+    _bad("ce_weight", setter(labels=LEAD_LABELS, ce_weight=-1.0)),
+    _bad("vocab", setter(vocab="padded")),
+    _bad("student_softcap", setter(student_softcap=0.0)),
+    _bad("teacher_softcap", setter(teacher_softcap=-30.0)),
+    _bad("student_logit_scale", setter(student_logit_scale=math.inf)),
+    _bad("teacher_logit_scale", setter(teacher_logit_scale="2")),
     _bad("student_hidden", student_hidden_int),
     _bad("student_hidden", student_hidden_list),
     _bad("student_weight", student_weight_1d),
@@ -401,9 +497,17 @@ def test_bad_input(name, change):
         fused_linear_kl(**kwargs)
 
 
-def test_vocab_mismatch_names_both_sizes():
+def test_vocab_mismatch_names_both_sizes_and_the_option():
     kwargs = make_inputs("cpu")
     kwargs["teacher_weight"] = torch.randn(130, 20)
     kwargs["teacher_bias"] = torch.randn(130)
-    with pytest.raises(ValueError, match=r"V_t=130.*V_s=131"):
+    with pytest.raises(ValueError, match=r"V_t=130.*V_s=131.*vocab='common'"):
         fused_linear_kl(**kwargs)
+    kwargs["labels"] = torch.full((3, 7), 130)  # in the student's vocabulary, not in the common one
+    with pytest.raises(ValueError, match=r"labels: .*\[0, 130\)"):
+        fused_linear_kl(**kwargs, vocab="common")
+
+
+def test_module_refuses_unknown_options():
+    with pytest.raises(TypeError, match="temprature"):
+        FusedLinearKLLoss(temprature=2.0)

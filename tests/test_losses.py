@@ -122,61 +122,79 @@ def test_hidden_mse_equals_mse_loss(device):
 
 
 # --------------------------------------------------------------------------------------------
-# logit_kl
+# logit_kl, with each divergence
 
 LOGIT_SHAPES = [(7, 1000), (2, 5, 1237), (2, 2, 3, 4099), (3, 1), (4, 2)]
+DIVERGENCES = {
+    "forward": {},
+    "reverse": {"divergence": "reverse"},
+    "jsd": {"divergence": "jsd", "beta": 0.3},
+    "tvd": {"divergence": "tvd"},
+}
+
+
+@pytest.fixture(params=list(DIVERGENCES))
+def divergence(request):
+    """The keyword arguments of one divergence of ``logit_kl``."""
+    return DIVERGENCES[request.param]
 
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("mask", MASKS)
 @pytest.mark.parametrize("shape", LOGIT_SHAPES, ids=shape_id)
-def test_logit_kl(device, shape, mask, reduction):
+def test_logit_kl(device, shape, mask, reduction, divergence):
     s, t = leaf(randn(shape, device, scale=3.0)), randn(shape, device, scale=3.0)
     m = make_mask(mask, shape[:-1], device)
-    out = run_and_compare(fastkd.logit_kl, "logit_kl", s, t, mask=m, reduction=reduction)
+    out = run_and_compare(fastkd.logit_kl, "logit_kl", s, t, mask=m, reduction=reduction, **divergence)
     if reduction == "none":
         assert out.shape == shape[:-1]
 
 
 @pytest.mark.parametrize("temperature", [0.01, 0.05, 0.3, 1.0, 2.5, 50.0, 100.0])
 @pytest.mark.parametrize("reduction", ["mean", "none"])
-def test_logit_kl_temperature(device, temperature, reduction):
+def test_logit_kl_temperature(device, temperature, reduction, divergence):
     """Logits scale with T, so that softmax(x / T) stays comparable and the loss well conditioned."""
     shape = (6, 1237)
     s = leaf(randn(shape, device, scale=2.0 * temperature))
     t = randn(shape, device, scale=2.0 * temperature)
     m = make_mask("random", shape[:-1], device)
     run_and_compare(fastkd.logit_kl, "logit_kl", s, t, mask=m, reduction=reduction,
-                    temperature=temperature)
+                    temperature=temperature, **divergence)
 
 
 @pytest.mark.parametrize("temperature", [0.01, 0.05, 50.0, 100.0])
-def test_logit_kl_temperature_unscaled(device, temperature):
+def test_logit_kl_temperature_unscaled(device, temperature, divergence):
     """Unit-scale logits at extreme temperatures: finite, and close to the formula within what
-    float32 allows (at T = 50 the two distributions are nearly uniform and the KL is ~1e-4 of the
-    log-probabilities it is made from: float32 loses about T^2 eps / var(logits) of it)."""
+    float32 allows: at T = 50 the two distributions are nearly uniform and the divergence is ~1e-4
+    of the log-probabilities it is made from, so float32 loses about T^2 eps / var(logits) of it
+    (here var = 1; the bound allows four times that, and at least 1e-3). Away from "forward", the
+    gradient vanishes as the distributions turn one-hot at small T (T q (a - S) of 1e-100 at T = 0.01):
+    there float32 can only round it, by eps of its scale c = T (1 / T for "tvd")."""
     s, t = leaf(randn((5, 1000), device)), randn((5, 1000), device)
-    got = fastkd.logit_kl(s, t, temperature=temperature)
+    got = fastkd.logit_kl(s, t, temperature=temperature, **divergence)
     (g,) = torch.autograd.grad(got, s)
     s64 = s.detach().double().requires_grad_()
-    want = reference_loss("logit_kl", s64, t, temperature=temperature)
+    want = reference_loss("logit_kl", s64, t, temperature=temperature, **divergence)
     (want_g,) = torch.autograd.grad(want, s64)
+    eps = torch.finfo(torch.float32).eps
+    rtol = max(1e-3, 4 * temperature**2 * eps)
+    scale = 1 / temperature if divergence.get("divergence") == "tvd" else temperature
     assert torch.isfinite(got) and torch.isfinite(g).all()
-    assert abs(got.item() - want.item()) <= 1e-3 * abs(want.item())
-    assert (g.double() - want_g).norm() <= 1e-3 * want_g.norm()
+    assert abs(got.item() - want.item()) <= rtol * abs(want.item())
+    assert (g.double() - want_g).norm() <= rtol * want_g.norm() + 4 * eps * scale
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, *LOW], ids=str)
 @pytest.mark.parametrize("temperature", [0.01, 0.05, 1.0, 50.0, 100.0])
 @pytest.mark.parametrize("reduction", ["mean", "none"])
-def test_logit_kl_large_logits(device, dtype, temperature, reduction):
+def test_logit_kl_large_logits(device, dtype, temperature, reduction, divergence):
     """Logits uniform in [-1e4, 1e4]: no overflow, no NaN, still the formula."""
     shape = (2, 3, 1000)
     s = leaf(((torch.rand(shape) * 2 - 1) * 1e4).to(device, dtype))
     t = ((torch.rand(shape) * 2 - 1) * 1e4).to(device, dtype)
     m = make_mask("random", shape[:-1], device)
     run_and_compare(fastkd.logit_kl, "logit_kl", s, t, mask=m, reduction=reduction,
-                    temperature=temperature)
+                    temperature=temperature, **divergence)
 
 
 @pytest.mark.parametrize(
@@ -186,44 +204,70 @@ def test_logit_kl_large_logits(device, dtype, temperature, reduction):
     ids=str,
 )
 @pytest.mark.parametrize("reduction", REDUCTIONS)
-def test_logit_kl_dtypes(device, s_dtype, t_dtype, reduction):
+def test_logit_kl_dtypes(device, s_dtype, t_dtype, reduction, divergence):
     shape = (3, 4, 1237)
     s = leaf(randn(shape, device, s_dtype, scale=3.0))
     t = randn(shape, device, t_dtype, scale=3.0)
     m = make_mask("random", shape[:-1], device)
-    run_and_compare(fastkd.logit_kl, "logit_kl", s, t, mask=m, reduction=reduction, temperature=2.0)
+    run_and_compare(fastkd.logit_kl, "logit_kl", s, t, mask=m, reduction=reduction, temperature=2.0, **divergence)
 
 
 @pytest.mark.parametrize("layout", ["shifted", "transposed", "strided_last"])
 @pytest.mark.parametrize("reduction", ["mean", "none"])
-def test_logit_kl_noncontiguous(device, layout, reduction):
+def test_logit_kl_noncontiguous(device, layout, reduction, divergence):
     s, t, lead = views(layout, device, width=1031, scale=3.0)
     m = make_mask("random", lead, device)
-    run_and_compare(fastkd.logit_kl, "logit_kl", s, t, mask=m, reduction=reduction, temperature=1.5)
+    run_and_compare(fastkd.logit_kl, "logit_kl", s, t, mask=m, reduction=reduction, temperature=1.5, **divergence)
 
 
-@pytest.mark.parametrize("where", ["teacher", "both"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_logit_kl_neg_inf_teacher(device, where, dtype):
-    """Teacher logits of -inf (a padded vocabulary, banned tokens) give p = 0 and add nothing,
-    also where the student's logit is -inf too."""
-    shape = (4, 3, 1100)
+def banned_entries(shape, dtype, device, where):
+    """Logits with about 10 % of the teacher's entries (and the last 37) -inf, also the student's
+    there for ``where="both"``: (student leaf, teacher)."""
     s, t = torch.randn(shape) * 3, torch.randn(shape) * 3
     banned = torch.rand(shape) < 0.1
     banned[..., -37:] = True
     t = t.masked_fill(banned, float("-inf"))
     if where == "both":
         s = s.masked_fill(banned, float("-inf"))
-    s, t = leaf(s.to(device, dtype)), t.to(device, dtype)
-    m = make_mask("random", shape[:-1], device)
+    return leaf(s.to(device, dtype)), t.to(device, dtype)
+
+
+@pytest.mark.parametrize("where", ["teacher", "both"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_logit_kl_neg_inf_teacher(device, where, dtype, divergence):
+    """Teacher logits of -inf (a padded vocabulary, banned tokens) give p = 0 and add nothing,
+    also where the student's logit is -inf too. The reverse KL of a student with mass where the
+    teacher has none is +inf, exactly."""
+    s, t = banned_entries((4, 3, 1100), dtype, device, where)
+    m = make_mask("random", (4, 3), device)
+    if where == "teacher" and divergence.get("divergence") == "reverse":  # every row has such entries
+        rows = fastkd.logit_kl(s, t, mask=m, reduction="none", temperature=2.0, **divergence)
+        assert torch.equal(rows, torch.where(m, torch.inf, 0.0).to(rows.dtype))
+        return
     for reduction in REDUCTIONS:
         run_and_compare(fastkd.logit_kl, "logit_kl", s, t, mask=m, reduction=reduction,
-                        temperature=2.0)
+                        temperature=2.0, **divergence)
+
+
+def test_reverse_kl_infinite_where_the_teacher_has_no_mass(device):
+    """q_v > 0 = p_v: KL(q || p) is +inf on that row, 0 on masked rows, finite on the others."""
+    s, t = banned_entries((4, 3, 1100), torch.float32, device, "both")
+    t = t.detach().clone()
+    t[1, 2, 5] = float("-inf")  # the student keeps a finite logit there
+    with torch.no_grad():
+        s[1, 2, 5] = 0.0
+    m = torch.ones(4, 3, dtype=torch.bool, device=device)
+    m[3, 0] = False
+    rows = fastkd.logit_kl(s, t, mask=m, reduction="none", divergence="reverse", temperature=2.0)
+    assert rows[1, 2] == float("inf")
+    others = torch.ones(4, 3, dtype=torch.bool)
+    others[1, 2] = False
+    assert torch.isfinite(rows[others.to(device)]).all() and rows[3, 0] == 0
 
 
 @pytest.mark.parametrize("mask", MASKS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_logit_kl_teacher_row_without_finite_logit(device, dtype, mask):
+def test_logit_kl_teacher_row_without_finite_logit(device, dtype, mask, divergence):
     """A row whose teacher logits are all -inf contributes 0 and gets gradient 0; it still counts
     in n when the mask keeps it (n is decided by the mask alone)."""
     shape = (3, 4, 1030)
@@ -232,16 +276,101 @@ def test_logit_kl_teacher_row_without_finite_logit(device, dtype, mask):
     s[2, 3] = float("-inf")  # the student's row is empty too
     s, t = leaf(s.to(device, dtype)), t.to(device, dtype)
     m = make_mask(mask, shape[:-1], device)
+    options = {"temperature": 2.0, **divergence}
     for reduction in REDUCTIONS:
-        run_and_compare(fastkd.logit_kl, "logit_kl", s, t, mask=m, reduction=reduction, temperature=2.0)
-        out = fastkd.logit_kl(s, t, mask=m, reduction=reduction, temperature=2.0)
+        run_and_compare(fastkd.logit_kl, "logit_kl", s, t, mask=m, reduction=reduction, **options)
+        out = fastkd.logit_kl(s, t, mask=m, reduction=reduction, **options)
         (grad,) = torch.autograd.grad(out.sum() * 1.5, s)
         assert grad[0, 1].eq(0).all() and grad[2, 3].eq(0).all()
         if reduction == "none":
             assert out[0, 1] == 0 and out[2, 3] == 0
     keep_all = torch.ones(shape[:-1], dtype=torch.bool, device=device)
-    with_rows = fastkd.logit_kl(s, t, mask=keep_all, temperature=2.0, reduction="sum") / keep_all.sum()
-    assert torch.equal(fastkd.logit_kl(s, t, mask=keep_all, temperature=2.0), with_rows)
+    with_rows = fastkd.logit_kl(s, t, mask=keep_all, reduction="sum", **options) / keep_all.sum()
+    assert torch.equal(fastkd.logit_kl(s, t, mask=keep_all, **options), with_rows)
+
+
+def random_labels(shape, vocab, device, ignored=0.2):
+    """Class ids in [0, vocab), about ``ignored`` of them -100."""
+    labels = torch.randint(0, vocab, shape)
+    labels[torch.rand(shape) < ignored] = -100
+    return labels.to(device)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("mask", MASKS)
+def test_logit_kl_labels(device, mask, reduction, temperature, divergence):
+    """``KD + ce_weight * CE`` with the hard-label cross-entropy at T = 1 from the same pass; some
+    labels -100, some rows masked."""
+    shape = (3, 5, 1031)
+    s, t = leaf(randn(shape, device, scale=3.0)), randn(shape, device, scale=3.0)
+    m = make_mask(mask, shape[:-1], device)
+    labels = random_labels(shape[:-1], shape[-1], device)
+    run_and_compare(fastkd.logit_kl, "logit_kl", s, t, mask=m, reduction=reduction, temperature=temperature,
+                    labels=labels, ce_weight=0.7, **divergence)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("temperature", [0.05, 50.0])
+def test_logit_kl_labels_large_logits(device, dtype, temperature, divergence):
+    """Logits in [-1e4, 1e4] with labels, at both ends of the temperature range; one teacher row
+    without a finite logit (its cross-entropy still counts), one row without a label."""
+    shape = (2, 3, 1000)
+    s = ((torch.rand(shape) * 2 - 1) * 1e4).to(device, dtype)
+    t = ((torch.rand(shape) * 2 - 1) * 1e4).to(device, dtype)
+    t[1, 2] = float("-inf")
+    s = leaf(s)
+    labels = random_labels(shape[:-1], shape[-1], device, ignored=0.0)
+    labels[0, 1] = -100
+    m = make_mask("random", shape[:-1], device)
+    for reduction in REDUCTIONS:
+        run_and_compare(fastkd.logit_kl, "logit_kl", s, t, mask=m, reduction=reduction, temperature=temperature,
+                        labels=labels, ce_weight=1.5, **divergence)
+
+
+def test_logit_kl_parts(device, divergence):
+    """``return_parts=True``: ``kd`` is the loss without labels, ``ce`` the cross-entropy over the
+    labelled valid rows, ``loss = kd + ce_weight * ce`` (a 0-d tensor weight too); the parts are
+    detached and the loss's gradient is that of ``kd + ce_weight * ce``."""
+    shape = (4, 9, 513)
+    s, t = leaf(randn(shape, device, scale=3.0)), randn(shape, device, scale=3.0)
+    m = make_mask("random", shape[:-1], device)
+    labels = random_labels(shape[:-1], shape[-1], device)
+    options = {"temperature": 2.0, "mask": m, **divergence}
+    weight = torch.tensor(0.25, device=device)
+    parts = fastkd.logit_kl(s, t, labels=labels, ce_weight=weight, return_parts=True, **options)
+    assert isinstance(parts, fastkd.LogitParts)
+    kd = fastkd.logit_kl(s, t, **options)
+    valid = (labels != -100) & m
+    ce = torch.nn.functional.cross_entropy(s.detach()[valid].double(), labels[valid])
+    assert not parts.kd.requires_grad and not parts.ce.requires_grad
+    assert abs(parts.kd.item() - kd.item()) <= 1e-6 * abs(kd.item())
+    assert abs(parts.ce.item() - ce.item()) <= 1e-5 * ce.item()
+    assert abs(parts.loss.item() - (kd.item() + 0.25 * ce.item())) <= 1e-5 * parts.loss.item()
+    (got,) = torch.autograd.grad(parts.loss * 2.0, s)
+    ce_grad = torch.zeros(shape, dtype=torch.float64)
+    probs_s = torch.softmax(s.detach().double(), -1) - torch.nn.functional.one_hot(labels.clamp_min(0), shape[-1])
+    ce_grad[valid.cpu()] = probs_s[valid].cpu() / valid.sum().item()
+    (kd_grad,) = torch.autograd.grad(kd * 2.0, s)
+    want = kd_grad.double().cpu() + 2.0 * 0.25 * ce_grad
+    assert (got.double().cpu() - want).norm() <= 1e-5 * want.norm()
+    without = fastkd.logit_kl(s, t, return_parts=True, **options)
+    assert without.ce is None and torch.equal(without.loss.detach(), without.kd)
+
+
+@pytest.mark.parametrize("larger", ["student", "teacher"])
+def test_logit_kl_vocab_common(device, larger, divergence):
+    """``vocab="common"``: the first min(V_s, V_t) logits of both, the student's others get
+    gradient 0; with labels in the common range."""
+    v_s, v_t = (1031, 1000) if larger == "student" else (1000, 1031)
+    s, t = leaf(randn((3, 4, v_s), device, scale=3.0)), randn((3, 4, v_t), device, scale=3.0)
+    m = make_mask("random", (3, 4), device)
+    labels = random_labels((3, 4), 1000, device)
+    for reduction in REDUCTIONS:
+        run_and_compare(fastkd.logit_kl, "logit_kl", s, t, mask=m, reduction=reduction, temperature=2.0,
+                        labels=labels, ce_weight=0.5, vocab="common", **divergence)
+    (grad,) = torch.autograd.grad(fastkd.logit_kl(s, t, vocab="common", **divergence), s)
+    assert grad[..., 1000:].eq(0).all()
 
 
 TEMPERATURE_SWEEP = [1e-300, 1e-30, 1e-3, 0.0099, 0.01, 0.05, 1.0, 50.0, 100.0, 100.5, 1e3, 1e20, 1e300]

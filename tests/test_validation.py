@@ -99,7 +99,34 @@ BAD = {
     },
     "logit_temperature_str": (
         lambda: L(x(4, 10), x(4, 10), temperature="2"), (TypeError, ValueError), "temperature"),
+    "logit_vocab_names_option": (lambda: L(x(4, 10), x(4, 11)), ValueError, "vocab='common'"),
+    "logit_vocab_choice": (lambda: L(x(4, 10), x(4, 10), vocab="padded"), ValueError, "vocab"),
+    "logit_divergence": (lambda: L(x(4, 10), x(4, 10), divergence="kl"), ValueError, "divergence"),
+    **{
+        f"logit_beta_{b}": (lambda b=b: L(x(4, 10), x(4, 10), divergence="jsd", beta=b), ValueError, "beta")
+        for b in [0.0, 1.0, -0.5, 1.5, math.nan]
+    },
+    "logit_beta_type": (lambda: L(x(4, 10), x(4, 10), divergence="jsd", beta="0.5"), TypeError, "beta"),
+    "logit_beta_other_divergence": (lambda: L(x(4, 10), x(4, 10), beta=0.5), ValueError, "beta"),
+    "logit_labels_float": (lambda: L(x(4, 10), x(4, 10), labels=torch.zeros(4)), TypeError, "labels"),
+    "logit_labels_bool": (lambda: L(x(4, 10), x(4, 10), labels=torch.zeros(4, dtype=torch.bool)), TypeError, "labels"),
+    "logit_labels_shape": (lambda: L(x(2, 4, 10), x(2, 4, 10), labels=i(8)), ValueError, "labels"),
+    "logit_labels_full_shape": (lambda: L(x(4, 10), x(4, 10), labels=i(4, 10)), ValueError, "labels"),
+    "logit_labels_too_large": (lambda: L(x(4, 10), x(4, 10), labels=torch.tensor([0, 1, 10, 2])), ValueError, "labels"),
+    "logit_labels_negative": (lambda: L(x(4, 10), x(4, 10), labels=torch.tensor([0, -1, 3, 2])), ValueError, "labels"),
+    "logit_labels_device": (lambda: L(x(4, 10), x(4, 10), labels=i(4).to("meta")), ValueError, "labels"),
+    "logit_labels_not_tensor": (lambda: L(x(4, 10), x(4, 10), labels=[0, 1, 2, 3]), TypeError, "labels"),
+    "logit_ce_weight_without_labels": (lambda: L(x(4, 10), x(4, 10), ce_weight=0.5), ValueError, "ce_weight"),
+    "logit_ce_weight_negative": (lambda: L(x(4, 10), x(4, 10), labels=i(4), ce_weight=-0.1), ValueError, "ce_weight"),
+    "logit_ce_weight_nan": (lambda: L(x(4, 10), x(4, 10), labels=i(4), ce_weight=math.nan), ValueError, "ce_weight"),
+    "logit_ce_weight_type": (lambda: L(x(4, 10), x(4, 10), labels=i(4), ce_weight="1"), TypeError, "ce_weight"),
+    "logit_ce_weight_tensor_shape": (
+        lambda: L(x(4, 10), x(4, 10), labels=i(4), ce_weight=torch.ones(2)), TypeError, "ce_weight"),
     # modules
+    "module_logit_ce_weight_without_labels": (
+        lambda: fastkd.LogitKLLoss(ce_weight=0.5)(x(4, 10), x(4, 10)), ValueError, "ce_weight"),
+    "module_logit_divergence": (
+        lambda: fastkd.LogitKLLoss(divergence="js")(x(4, 10), x(4, 10)), ValueError, "divergence"),
     "module_hidden_reduction": (
         lambda: fastkd.HiddenMSELoss(reduction="avg")(x(4, 8), x(4, 8)), ValueError, "reduction"),
     "module_attention_kind": (

@@ -16,11 +16,11 @@ Layouts (``R = R0 * R1`` rows; the last dimension always has stride 1):
 - Per-row values (``rows``) are float32 (float64 when an input is float64), masked rows exactly 0:
     hidden:    sum_d (s - t)^2 / D
     attention: kl = sum_k p_k (log p_k - log q_k)   (see ``fastkd.attention`` for p, q)
-    logit:     T^2 * sum_v p_v (log p_v - log q_v), p = softmax(t / T), q = softmax(s / T)
+    logit:     the divergence of the row (below)
 - A row *contributes nothing* when it is masked, or when it has no entry that counts: a teacher
   row of logits that are all ``-inf``, an attention row whose keys are all dropped. Its value is 0,
   its stats are ``-inf`` and its gradient is 0; ``n`` of the mean is still the mask's count.
-- ``stats`` is a float64 ``[2, R]`` tensor a forward pass leaves for its backward: the log-sum-exps
+- ``stats`` is a float64 ``[2, R]`` tensor (``[4, R]`` for ``logit``, below) a forward pass leaves for its backward: the log-sum-exps
   of the student's and the teacher's (scaled) scores per row over the entries that count; ``-inf``
   (the log-sum-exp of nothing) in both for a row that contributes nothing, which is how backward
   knows it. float64, so that ``exp(x - lse)`` keeps float32 precision where ``|x|`` is large
@@ -39,8 +39,9 @@ Functions::
     hidden_backward(students, teachers, mask, grad_rows) -> list of grads
     attention_forward(students, teachers, mask, kind) -> (rows, stats)
     attention_backward(students, teachers, mask, kind, stats, grad_rows) -> list of grads
-    logit_forward(student, teacher, mask, temperature) -> (rows, stats)
-    logit_backward(student, teacher, mask, temperature, stats, grad_rows) -> grad
+    logit_forward(student, teacher, mask, temperature, divergence, beta, labels) -> (rows, ce_rows, stats)
+    logit_backward(student, teacher, mask, temperature, divergence, beta, labels, stats, grad_rows,
+                   grad_ce_rows) -> grad
     attention_qk_forward(student_q, student_k, teacher_q, teacher_k, scales, mask, causal) -> (rows, stats)
     attention_qk_backward(student_q, student_k, teacher_q, teacher_k, scales, mask, causal, stats,
                           grad_rows) -> (grads_q, grads_k)
@@ -51,12 +52,34 @@ gradients those the backward would return for these ``grad_rows``::
 
     hidden_forward_with_grad(students, teachers, mask, grad_rows) -> (rows, grads)
     attention_forward_with_grad(students, teachers, mask, kind, grad_rows) -> (rows, grads)
-    logit_forward_with_grad(student, teacher, mask, temperature, grad_rows) -> (rows, grad)
+    logit_forward_with_grad(student, teacher, mask, temperature, divergence, beta, labels, grad_rows,
+                            grad_ce_rows) -> (rows, ce_rows, grad)
     scale_gradients_(grads, upstream, expected) -> None
 
 ``scale_gradients_`` multiplies each gradient in place by ``upstream / expected`` (0-d tensors of
 the loss's dtype, read on the device by the kernel: no host synchronisation), by 0 where
 ``expected == 0``, and reads and writes nothing when ``upstream == expected``.
+
+The logit functions. With ``s' = s / T``, ``t' = t / T``, ``q = softmax(s')``, ``p = softmax(t')``
+(an entry of ``-inf`` has probability 0), ``divergence`` one of::
+
+    "forward"  rows = T^2 sum_v p_v (log p_v - log q_v)            (terms with p_v = 0 are 0)
+    "reverse"  rows = T^2 sum_v q_v (log q_v - log p_v)            (terms with q_v = 0 are 0)
+    "jsd"      rows = T^2 (beta KL(p || m) + (1 - beta) KL(q || m)),  m = beta p + (1 - beta) q
+    "tvd"      rows = 0.5 sum_v |p_v - q_v|                         (no T^2)
+
+``beta`` (a float) is read by ``"jsd"`` only. ``labels``: ``None`` or int64 ``[R]``; a row that is
+valid and whose label is in ``[0, V)`` (``-100``: none) has ``ce_rows = lse(s) - s[label]`` at
+temperature 1, other rows 0; without labels ``ce_rows`` is empty (``[0]``). The cross-entropy does
+not depend on the teacher. ``stats`` is ``[4, R]``: ``lse(s')``, ``lse(t')``, ``lse(s)`` (``-inf``
+on rows without a cross-entropy) and ``S = sum_v q_v a_v``, the one row sum the gradient needs::
+
+    grad = grad_rows * c q (a - S) + grad_ce_rows * (softmax(s) - onehot(label))
+    c = T (tvd: 1 / T);  q a = -p ("forward": the gradient T (q - p)),
+    a = log q - log p ("reverse"), (1 - beta) log(q / m) ("jsd"), 0.5 sign(q - p) ("tvd")
+
+with ``q a = 0`` wherever ``q = 0``. ``grad_ce_rows`` is ``None`` without labels (no cross-entropy
+gradient).
 
 ``attention_qk_*`` take lists (layer pairs) of contiguous queries ``[B, H, L, d]`` and keys
 ``[B, H_kv, L, d]`` (``H % H_kv == 0``; query head ``h`` reads key head ``h // (H / H_kv)``), ``scales``

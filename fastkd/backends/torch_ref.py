@@ -107,11 +107,15 @@ def _log_softmax(x: torch.Tensor, keep: torch.Tensor | None = None):
     return (x - peak) - log_z, lse
 
 
-def _exp_minus_lse(x: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
-    """exp(x - lse) in x's dtype, with the float64 lse split into hi + lo (see fastkd.backends)."""
+def _minus_lse(x: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
+    """x - lse in x's dtype, with the float64 lse split into hi + lo (see fastkd.backends)."""
     hi = lse.to(x.dtype)
     lo = (lse - hi.double()).to(x.dtype)
-    return torch.exp((x - hi[..., None]) - lo[..., None])
+    return (x - hi[..., None]) - lo[..., None]
+
+
+def _exp_minus_lse(x: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
+    return torch.exp(_minus_lse(x, lse))
 
 
 def _attention_terms(s, t, mask, kind, b, heads, acc):
@@ -221,59 +225,114 @@ def _lse(stat_row, offset, b, hs, batch, heads, lq):
 # ----------------------------------------------------------------------------------------- logit
 
 
-def _logit(student, teacher, mask, temperature, grad_rows):
-    """(rows, stats, grad or None): the forward's rows and stats; with ``grad_rows`` also the
-    gradient ``grad_rows * T (q - p)`` from the same read of each block."""
+def _divergence(log_q, log_p, divergence, beta):
+    """(D per row, q a, S) of one block: the divergence (before its T^2) and the pieces of its
+    gradient in the scaled student logits, d D / d s' = q (a - S) with S = sum_v q_v a_v (see
+    fastkd.backends). ``q a`` is 0 wherever q is."""
+    q, p = log_q.exp(), log_p.exp()
+    if divergence == "forward":
+        value, q_a = torch.where(p > 0, p * (log_p - log_q), 0).sum(-1), -p
+    elif divergence == "reverse":
+        q_a = torch.where(q > 0, q * (log_q - log_p), 0)
+        value = q_a.sum(-1)
+    elif divergence == "jsd":
+        # m = 0 where both underflow (also where a subnormal q or p rounds away): no term there
+        m = beta * p + (1 - beta) * q
+        log_m = torch.log(m)
+        q_a = (1 - beta) * torch.where((q > 0) & (m > 0), q * (log_q - log_m), 0)
+        value = beta * torch.where((p > 0) & (m > 0), p * (log_p - log_m), 0).sum(-1) + q_a.sum(-1)
+    else:  # "tvd"
+        value, q_a = 0.5 * (p - q).abs().sum(-1), 0.5 * q * torch.sign(q - p)
+    return value, q_a, q_a.sum(-1)
+
+
+def _scales(divergence, temperature):
+    """(factor of D in the row value, c in d r / d s = c q (a - S)): (T^2, T), or (1, 1 / T) for tvd."""
+    if divergence == "tvd":
+        return 1.0, 1.0 / temperature
+    return temperature**2, temperature
+
+
+def _ce_terms(s_raw, labels, valid, grad_ce):
+    """(ce per row, float64 lse, gradient or None) of the hard-label cross-entropy at T = 1 on the
+    rows of ``valid`` whose label is in [0, V): ``lse(s) - s[label]``, ``grad_ce (softmax(s) - onehot)``."""
+    vocab = s_raw.shape[-1]
+    has_label = valid & (labels >= 0) & (labels < vocab)
+    log_q1, lse = _log_softmax(s_raw)
+    picked = log_q1.gather(-1, labels.clamp(0, vocab - 1)[:, None]).squeeze(-1)
+    ce = torch.where(has_label, -picked, 0)
+    lse = torch.where(has_label, lse, -torch.inf)
+    if grad_ce is None:
+        return ce, lse, None
+    onehot = torch.nn.functional.one_hot(labels.clamp(0, vocab - 1), vocab).to(s_raw.dtype)
+    weight = torch.where(has_label, grad_ce.to(s_raw.dtype), 0)
+    return ce, lse, (log_q1.exp() - onehot) * weight[:, None]
+
+
+def _logit(student, teacher, mask, temperature, divergence, beta, labels, grad_rows, grad_ce_rows, stats_in=None):
+    """(rows, ce_rows, stats, grad or None) of the logit contract (fastkd.backends): the rows, the
+    hard-label cross-entropy and the stats of the forward; with ``grad_rows`` the gradient from the
+    same read of each block. With ``stats_in`` (backward) the lses come from there instead."""
     count = student.shape[0] * student.shape[1]
     acc = acc_dtype(student, teacher)
+    factor, c = _scales(divergence, temperature)
     rows = torch.zeros(count, dtype=acc, device=student.device)
-    stats = torch.zeros(2, count, dtype=torch.float64, device=student.device)
+    ce_rows = torch.zeros(count if labels is not None else 0, dtype=acc, device=student.device)
+    stats = torch.zeros(4, count, dtype=torch.float64, device=student.device)
     grad = None if grad_rows is None else torch.empty(student.shape, dtype=student.dtype, device=student.device)
     for start, cols, i in _row_blocks(student):
-        s = student[i, cols].to(acc) / temperature
-        t = teacher[i, cols].to(acc) / temperature
-        log_q, lse_s = _log_softmax(s)
-        log_p, lse_t = _log_softmax(t)
-        p = log_p.exp()
-        kl = torch.where(p > 0, p * (log_p - log_q), 0).sum(-1)
-        end = start + kl.shape[0]
-        valid = _contributes(_block_mask(mask, start, kl.shape[0], student), lse_t)
-        rows[start:end] = torch.where(valid, temperature**2 * kl, 0)
-        stats[0, start:end] = torch.where(valid, lse_s, -torch.inf)
-        stats[1, start:end] = torch.where(valid, lse_t, -torch.inf)
-        if grad is not None:
-            scale = grad_rows[start:end].to(acc) * temperature
-            grad[i, cols] = torch.where(valid[:, None], (log_q.exp() - p) * scale[:, None], 0).to(student.dtype)
-    return rows, stats, grad
-
-
-def logit_forward(student, teacher, mask, temperature):
-    """rows = T^2 sum_v p_v (log p_v - log q_v), p = softmax(t / T), q = softmax(s / T); stats = lses."""
-    rows, stats, _ = _logit(student, teacher, mask, temperature, None)
-    return rows, stats
-
-
-def logit_forward_with_grad(student, teacher, mask, temperature, grad_rows):
-    """The rows above and the gradient of logit_backward, from one read of each block."""
-    rows, _, grad = _logit(student, teacher, mask, temperature, grad_rows)
-    return rows, grad
-
-
-def logit_backward(student, teacher, mask, temperature, stats, grad_rows):
-    """d rows / d s = T (q - p), times grad_rows; 0 on masked rows."""
-    acc = acc_dtype(student, teacher)
-    grad = torch.empty(student.shape, dtype=student.dtype, device=student.device)
-    for start, cols, i in _row_blocks(student):
-        s = student[i, cols].to(acc) / temperature
-        t = teacher[i, cols].to(acc) / temperature
+        s_raw = student[i, cols].to(acc)
+        s, t = s_raw / temperature, teacher[i, cols].to(acc) / temperature
         end = start + s.shape[0]
-        q = _exp_minus_lse(s, stats[0, start:end])
-        p = _exp_minus_lse(t, stats[1, start:end])
-        valid = _contributes(_block_mask(mask, start, s.shape[0], student), stats[1, start:end])
-        scale = grad_rows[start:end].to(acc) * temperature
-        grad[i, cols] = torch.where(valid[:, None], (q - p) * scale[:, None], 0).to(student.dtype)
-    return grad
+        if stats_in is None:
+            log_q, lse_s = _log_softmax(s)
+            log_p, lse_t = _log_softmax(t)
+        else:
+            lse_s, lse_t = stats_in[0, start:end], stats_in[1, start:end]
+            log_q, log_p = _minus_lse(s, lse_s), _minus_lse(t, lse_t)
+        valid = _block_mask(mask, start, s.shape[0], student)
+        kd = _contributes(valid, lse_t)
+        value, q_a, total = _divergence(log_q, log_p, divergence, beta)
+        rows[start:end] = torch.where(kd, factor * value, 0)
+        stats[0, start:end] = torch.where(kd, lse_s, -torch.inf)
+        stats[1, start:end] = torch.where(kd, lse_t, -torch.inf)
+        stats[3, start:end] = torch.where(kd, total, 0)
+        ce_grad = None
+        if labels is not None:
+            ce, stats[2, start:end], ce_grad = _ce_terms(
+                s_raw, labels[start:end], valid, None if grad_ce_rows is None else grad_ce_rows[start:end]
+            )
+            ce_rows[start:end] = ce
+        else:
+            stats[2, start:end] = -torch.inf
+        if grad is not None:
+            scale = grad_rows[start:end].to(acc) * c
+            block = torch.where(kd[:, None], (q_a - log_q.exp() * total[:, None]) * scale[:, None], 0)
+            grad[i, cols] = (block if ce_grad is None else block + ce_grad).to(student.dtype)
+    return rows, ce_rows, stats, grad
 
+
+def logit_forward(student, teacher, mask, temperature, divergence, beta, labels):
+    """rows (the divergence per row), ce_rows (the hard-label cross-entropy) and stats, as
+    fastkd.backends defines them."""
+    rows, ce_rows, stats, _ = _logit(student, teacher, mask, temperature, divergence, beta, labels, None, None)
+    return rows, ce_rows, stats
+
+
+def logit_forward_with_grad(student, teacher, mask, temperature, divergence, beta, labels, grad_rows, grad_ce_rows):
+    """The rows above and the gradient of logit_backward, from one read of each block."""
+    rows, ce_rows, _, grad = _logit(
+        student, teacher, mask, temperature, divergence, beta, labels, grad_rows, grad_ce_rows
+    )
+    return rows, ce_rows, grad
+
+
+def logit_backward(student, teacher, mask, temperature, divergence, beta, labels, stats, grad_rows, grad_ce_rows):
+    """grad_rows * d rows / d s + grad_ce_rows * d ce_rows / d s; 0 on masked rows."""
+    *_, grad = _logit(
+        student, teacher, mask, temperature, divergence, beta, labels, grad_rows, grad_ce_rows, stats_in=stats
+    )
+    return grad
 
 
 # attention_kl_qk: query chunks of scores through this backend's attention_forward/backward
