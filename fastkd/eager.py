@@ -3,6 +3,10 @@
 ``m`` is a row mask (nonzero = the row counts), ``n = max(sum m, 1)``:
 
 - :func:`logit_kl`: ``T^2 * sum_i m_i * KL(softmax(t_i / T) || softmax(s_i / T)) / n`` via ``F.kl_div``;
+- :func:`logit_divergence`: the same mean of each of ``fastkd.logit_kl``'s divergences ("jsd" as
+  TRL's ``generalized_jsd_loss`` computes it, times ``T^2``);
+- :func:`logit_kl_ce`: :func:`logit_kl` plus ``ce_weight * F.cross_entropy`` of the student on the
+  labels of the valid rows;
 - :func:`hidden_mse`: mean over layer pairs of ``F.mse_loss(s, t)``, or with a mask of
   ``sum_i m_i * mean_d (s_i - t_i)^2 / n``;
 - :func:`attention_kl`: mean over layer pairs of ``sum_{b,h,i} m_bi * KL(p_bhi || q_bhi) / (H * n)``
@@ -31,6 +35,37 @@ def logit_kl(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor, t
     log_p = F.log_softmax(teacher / temperature, dim=-1)
     kl = F.kl_div(log_q, log_p, reduction="none", log_target=True).sum(-1)
     return masked_mean(kl, mask) * temperature**2
+
+
+def logit_divergence(student, teacher, mask, temperature, divergence, beta=None) -> torch.Tensor:
+    """The masked mean over rows of ``fastkd.logit_kl``'s ``divergence`` as users write it:
+    ``F.kl_div`` of two ``log_softmax``es for the KLs (times ``T^2``); for ``"jsd"`` TRL's
+    ``generalized_jsd_loss``: ``log m`` as the ``logsumexp`` of ``log q + log(1 - beta)`` and
+    ``log p + log(beta)``, then ``beta KL(p || m) + (1 - beta) KL(q || m)`` (times ``T^2``); for
+    ``"tvd"`` ``0.5 * |softmax(t / T) - softmax(s / T)|`` summed."""
+    log_q = F.log_softmax(student / temperature, dim=-1)
+    log_p = F.log_softmax(teacher / temperature, dim=-1)
+    if divergence == "tvd":
+        return masked_mean(0.5 * (log_p.exp() - log_q.exp()).abs().sum(-1), mask)
+    if divergence == "forward":
+        rows = F.kl_div(log_q, log_p, reduction="none", log_target=True).sum(-1)
+    elif divergence == "reverse":
+        rows = F.kl_div(log_p, log_q, reduction="none", log_target=True).sum(-1)
+    else:
+        beta_t = torch.tensor(beta, dtype=log_q.dtype, device=log_q.device)
+        log_m = torch.logsumexp(torch.stack([log_q + torch.log(1 - beta_t), log_p + torch.log(beta_t)]), dim=0)
+        kl_teacher = F.kl_div(log_m, log_p, reduction="none", log_target=True)
+        kl_student = F.kl_div(log_m, log_q, reduction="none", log_target=True)
+        rows = (beta * kl_teacher + (1 - beta) * kl_student).sum(-1)
+    return masked_mean(rows, mask) * temperature**2
+
+
+def logit_kl_ce(student, teacher, mask, temperature, labels, ce_weight) -> torch.Tensor:
+    """``logit_kl`` plus ``ce_weight`` times the student's cross-entropy at T = 1 on ``labels``
+    (-100 ignored) of the valid rows, as ``F.cross_entropy`` averages it."""
+    targets = torch.where(mask, labels, -100)
+    ce = F.cross_entropy(student.flatten(0, -2), targets.flatten(), ignore_index=-100)
+    return logit_kl(student, teacher, mask, temperature) + ce_weight * ce
 
 
 def hidden_mse(

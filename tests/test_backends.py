@@ -33,11 +33,11 @@ def test_logit_stats_and_rows_that_contribute_nothing(device):
     dead[[1, 3, 7]] = True
     kernels = backend_functions(device)
     s_rows, t_rows, m = rows_view(s.to(device)), rows_view(t.to(device)), mask.to(device)
-    rows, stats = kernels.logit_forward(s_rows, t_rows, m, temperature)
-    assert stats.dtype == torch.float64 and stats.shape == (2, 10)
+    rows, ce_rows, stats = kernels.logit_forward(s_rows, t_rows, m, temperature, "forward", 0.0, None)
+    assert stats.dtype == torch.float64 and stats.shape == (4, 10) and ce_rows.shape == (0,)
     want = torch.stack([(s.double() / temperature).logsumexp(-1).flatten(),
                         (t.double() / temperature).logsumexp(-1).flatten()])
-    stats = stats.cpu()
+    stats = stats[:2].cpu()
     assert torch.isneginf(stats).equal(dead[None].expand(2, 10))
     # float64 lses of float32 terms: s / T, exp, the sum and the log each round at float32
     # precision, by more on some CPUs (the torch backend has been seen 16 ulps off); 1e-5 of an lse
@@ -45,9 +45,51 @@ def test_logit_stats_and_rows_that_contribute_nothing(device):
     error = ((stats[:, ~dead] - want[:, ~dead]).abs() / want[:, ~dead].abs()).max().item()
     assert error < 1e-5, f"largest relative error of the stats: {error:.3g}"
     assert rows.cpu()[dead].eq(0).all() and torch.isfinite(rows).all()
-    grad = kernels.logit_backward(s_rows, t_rows, m, temperature, stats.to(device), torch.randn(10).to(device))
+    full_stats = torch.cat([stats, torch.full((1, 10), -torch.inf, dtype=torch.float64), torch.zeros(1, 10, dtype=torch.float64)])
+    grad = kernels.logit_backward(s_rows, t_rows, m, temperature, "forward", 0.0, None, full_stats.to(device),
+                                  torch.randn(10).to(device), None)
     grad = grad.cpu().view(10, 300)
     assert grad[dead].eq(0).all() and torch.isfinite(grad).all() and grad[~dead].abs().sum() > 0
+
+
+@pytest.mark.parametrize("divergence, beta", [("reverse", 0.0), ("jsd", 0.3), ("tvd", 0.0)])
+def test_logit_stats_of_divergences_and_labels(device, divergence, beta):
+    """stats[2] is lse(s) at T = 1 on the rows with a cross-entropy (valid, labelled), -inf on the
+    others; stats[3] is S = sum_v q_v a_v of the divergence (fastkd.backends); ce_rows is
+    lse(s) - s[label] there, 0 elsewhere; a row without a teacher keeps its cross-entropy."""
+    temperature = 2.0
+    s, t = torch.randn(2, 5, 300) * 3, torch.randn(2, 5, 300) * 3
+    t[0, 1] = float("-inf")
+    labels = torch.randint(0, 300, (10,))
+    labels[[2, 6]] = -100
+    mask = torch.ones(10)
+    mask[7] = 0
+    kernels = backend_functions(device)
+    s_rows, t_rows = rows_view(s.to(device)), rows_view(t.to(device))
+    rows, ce_rows, stats = kernels.logit_forward(s_rows, t_rows, mask.to(device), temperature, divergence, beta,
+                                                 labels.to(device))
+    stats, ce_rows = stats.cpu(), ce_rows.cpu()
+    x = s.double().flatten(0, 1)
+    with_ce = torch.ones(10, dtype=torch.bool)
+    with_ce[[2, 6, 7]] = False
+    assert torch.isneginf(stats[2]).equal(~with_ce)
+    lse = x.logsumexp(-1)
+    assert ((stats[2][with_ce] - lse[with_ce]).abs() / lse[with_ce].abs()).max() < 1e-5
+    want_ce = torch.where(with_ce, lse - x.gather(-1, labels.clamp_min(0)[:, None]).squeeze(-1), 0)
+    assert ((ce_rows.double() - want_ce).abs() <= 1e-5 * want_ce.abs().max()).all()
+    log_q = (x / temperature).log_softmax(-1)
+    log_p = (t.double().flatten(0, 1) / temperature).log_softmax(-1)
+    q, p = log_q.exp(), log_p.exp()
+    if divergence == "reverse":
+        want_s = (q * (log_q - log_p)).sum(-1)
+    elif divergence == "jsd":
+        want_s = (1 - beta) * (q * (log_q - torch.log(beta * p + (1 - beta) * q))).sum(-1)
+    else:
+        want_s = 0.5 * (q * torch.sign(q - p)).sum(-1)
+    kd = torch.ones(10, dtype=torch.bool)
+    kd[[1, 7]] = False  # no teacher, masked
+    assert ((stats[3][kd] - want_s[kd]).abs() <= 1e-5 * want_s[kd].abs().max()).all()
+    assert rows.cpu()[~kd].eq(0).all()
 
 
 def test_attention_stats_and_rows_that_contribute_nothing(device):

@@ -29,6 +29,11 @@ def loss_case(name: str, device):
             r(3, 5) > 0, {}
     if name == "logit_kl":
         return fastkd.logit_kl, name, r(3, 5, 1000), r(3, 5, 1000), r(3, 5) > 0, {"temperature": 2.0}
+    if name == "logit_jsd_labels":
+        labels = torch.randint(0, 1000, (3, 5))
+        labels[0, :2] = -100
+        options = {"temperature": 2.0, "divergence": "jsd", "beta": 0.3, "labels": labels.to(device), "ce_weight": 0.5}
+        return fastkd.logit_kl, "logit_kl", r(3, 5, 1000), r(3, 5, 1000), r(3, 5) > 0, options
     if name == "attention_probs":
         return fastkd.attention_kl, "attention_kl", r(2, 3, 5, 7, softmax=True), \
             r(2, 3, 5, 7, softmax=True), r(2, 5) > 0, {"kind": "probs"}
@@ -40,7 +45,7 @@ def loss_case(name: str, device):
         [r(2, 3, 5, 5), r(2, 1, 5, 5)], r(2, 5) > 0, {"kind": "scores"}
 
 
-NAMES = ["hidden_mse", "hidden_pairs", "logit_kl", "attention_probs", "attention_scores",
+NAMES = ["hidden_mse", "hidden_pairs", "logit_kl", "logit_jsd_labels", "attention_probs", "attention_scores",
          "attention_pairs"]
 
 
@@ -74,3 +79,26 @@ def test_compile_matches_eager(case, name):
         fastkd.set_backend("auto")
         torch._dynamo.reset()
 
+
+
+@pytest.mark.parametrize("case", compile_cases())
+def test_compiled_labels_out_of_range_assert_on_the_device(case):
+    """Under torch.compile the labels' range is checked by a device assert (no host sync): a label
+    of V fails the call with the argument named."""
+    device, backend, compiler = case
+    fastkd.set_backend(backend)
+    try:
+        s, t = torch.randn(4, 50).to(device).requires_grad_(), torch.randn(4, 50).to(device)
+
+        def step(labels):
+            return fastkd.logit_kl(s, t, labels=labels, ce_weight=1.0)
+
+        compiled = torch.compile(step, fullgraph=True, backend=compiler)
+        compiled(torch.tensor([0, 1, 49, -100], device=device)).backward()
+        with pytest.raises(RuntimeError, match="labels: expected class ids in"):
+            compiled(torch.tensor([0, 1, 50, -100], device=device))
+            if device == "cuda":
+                torch.cuda.synchronize()
+    finally:
+        fastkd.set_backend("auto")
+        torch._dynamo.reset()

@@ -28,6 +28,7 @@ from fastkd.backends import native
 pytestmark = pytest.mark.skipif(not native.is_available(), reason="no C++ compiler for the kernels")
 
 REPO = Path(__file__).resolve().parents[1]
+FORWARD_KL = ("forward", 0.0, None)  # divergence, beta, labels of a logit kernel call
 TINY = 2.0**-126  # exactly, as kTiny in attention.cpp (reference.TINY is a rounded literal)
 
 # Student dtype, teacher dtype.
@@ -177,14 +178,14 @@ def test_logit(s_dtype, t_dtype, layout):
     s = rows_view((torch.randn(4, 6, 2534) * 4).to(s_dtype), layout)
     t = rows_view((torch.randn(4, 6, 2534) * 4).to(t_dtype), layout)
     mask = random_mask(s.shape[0] * s.shape[1])
-    rows, stats = native.logit_forward(s, t, mask, 1.7)
+    rows, _, stats = native.logit_forward(s, t, mask, 1.7, *FORWARD_KL)
     want, want_stats, want_grad = logit_formula(s, t, mask, 1.7)
     tol = rtol(loss_dtype(s, t))
     assert rows.dtype == loss_dtype(s, t) and stats.dtype == torch.float64
     assert_close(rows, want, tol, "rows")
-    assert_close(stats, want_stats, tol, "stats")
+    assert_close(stats[:2], want_stats, tol, "stats")
     grad_rows = torch.randn(rows.shape, dtype=rows.dtype)
-    grad = native.logit_backward(s, t, mask, 1.7, stats, grad_rows)
+    grad = native.logit_backward(s, t, mask, 1.7, *FORWARD_KL, stats, grad_rows, None)
     assert grad.dtype == s.dtype and grad.is_contiguous()
     assert_close(grad, want_grad(grad_rows), rtol(s.dtype), "grad")
 
@@ -198,12 +199,12 @@ def test_logit_extremes(temperature):
     t[0, 1, ::7] = -torch.inf
     t[0, 2, -1] = 2e4
     s[0, 3, -5] = 2e4
-    rows, stats = native.logit_forward(s, t, None, temperature)
+    rows, _, stats = native.logit_forward(s, t, None, temperature, *FORWARD_KL)
     want, want_stats, want_grad = logit_formula(s, t, None, temperature)
     assert_close(rows, want, 1e-5, "rows")
-    assert_close(stats, want_stats, 1e-7, "stats")
+    assert_close(stats[:2], want_stats, 1e-7, "stats")
     grad_rows = torch.rand(5)
-    assert_close(native.logit_backward(s, t, None, temperature, stats, grad_rows),
+    assert_close(native.logit_backward(s, t, None, temperature, *FORWARD_KL, stats, grad_rows, None),
                  want_grad(grad_rows), 1e-5, "grad")
 
 
@@ -278,16 +279,18 @@ def test_attention_long_rows_and_empty_rows():
 def test_threads_do_not_change_results():
     """Rows are independent: one thread and all threads give bitwise equal results."""
     s, t = torch.randn(1, 64, 3000), torch.randn(1, 64, 3000)
-    rows, stats = native.logit_forward(s, t, None, 2.0)
-    grad = native.logit_backward(s, t, None, 2.0, stats, torch.ones(64))
+    labels = torch.randint(0, 3000, (64,))
+    rows, ce_rows, stats = native.logit_forward(s, t, None, 2.0, "jsd", 0.3, labels)
+    grad = native.logit_backward(s, t, None, 2.0, "jsd", 0.3, labels, stats, torch.ones(64), torch.ones(64))
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        rows1, stats1 = native.logit_forward(s, t, None, 2.0)
-        grad1 = native.logit_backward(s, t, None, 2.0, stats1, torch.ones(64))
+        rows1, ce_rows1, stats1 = native.logit_forward(s, t, None, 2.0, "jsd", 0.3, labels)
+        grad1 = native.logit_backward(s, t, None, 2.0, "jsd", 0.3, labels, stats1, torch.ones(64), torch.ones(64))
     finally:
         torch.set_num_threads(threads)
-    assert torch.equal(rows, rows1) and torch.equal(stats, stats1) and torch.equal(grad, grad1)
+    assert torch.equal(rows, rows1) and torch.equal(ce_rows, ce_rows1)
+    assert torch.equal(stats, stats1) and torch.equal(grad, grad1)
 
 
 def test_auto_on_cpu_is_native():
@@ -308,7 +311,7 @@ def test_unbuildable_kernels_warn_once_and_fall_back(monkeypatch):
             assert not native.is_available()
             assert _backend.resolve(torch.device("cpu")) == "torch"
         with pytest.raises(RuntimeError, match="no compiler"):
-            native.logit_forward(torch.zeros(1, 1, 3), torch.zeros(1, 1, 3), None, 1.0)
+            native.logit_forward(torch.zeros(1, 1, 3), torch.zeros(1, 1, 3), None, 1.0, *FORWARD_KL)
     finally:
         native._warn_once.cache_clear()
 
