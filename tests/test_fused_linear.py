@@ -508,6 +508,18 @@ def test_vocab_mismatch_names_both_sizes_and_the_option():
         fused_linear_kl(**kwargs, vocab="common")
 
 
+def test_module_with_divergence_labels_and_heads(device):
+    inputs = make_inputs(device)
+    labels = random_labels((3, 7), 131, device)
+    options = {"temperature": 2.0, "chunk_size": 5, "divergence": "reverse", "ce_weight": 0.5,
+               "student_softcap": 4.0, "teacher_logit_scale": 0.5}
+    module = FusedLinearKLLoss(**options)
+    got = module(inputs["student_hidden"], inputs["student_weight"], inputs["teacher_hidden"],
+                 inputs["teacher_weight"], labels=labels, student_bias=inputs["student_bias"],
+                 teacher_bias=inputs["teacher_bias"])
+    assert torch.equal(got, fused_linear_kl(**inputs, labels=labels, **options))
+
+
 def test_module_refuses_unknown_options():
     with pytest.raises(TypeError, match="temprature"):
         FusedLinearKLLoss(temprature=2.0)

@@ -631,3 +631,17 @@ def test_module_equals_function(device, name, reduction):
     plain.backward()
     assert torch.equal(plain, fn(s, t, **options))
     assert torch.isfinite(s.grad).all()
+
+
+def test_logit_module_with_divergence_and_labels(device):
+    """``LogitKLLoss`` fixes the divergence, beta, ce_weight and vocab; labels go to forward."""
+    s, t = leaf(randn((3, 4, 1031), device, scale=3.0)), randn((3, 4, 1000), device, scale=3.0)
+    mask = make_mask("random", (3, 4), device)
+    labels = random_labels((3, 4), 1000, device)
+    options = {"temperature": 2.0, "divergence": "jsd", "beta": 0.3, "ce_weight": 0.5, "vocab": "common"}
+    module = fastkd.LogitKLLoss(**options)
+    got = module(s, t, mask=mask, labels=labels)
+    (got_grad,) = torch.autograd.grad(got, s)
+    want = fastkd.logit_kl(s, t, mask=mask, labels=labels, **options)
+    (want_grad,) = torch.autograd.grad(want, s)
+    assert torch.equal(got, want) and torch.equal(got_grad, want_grad)
