@@ -3,8 +3,9 @@
 ``hidden_mse``, ``attention_kl``, ``attention_kl_qk``, ``relation_kl``, ``logit_kl`` and
 ``fused_linear_kl`` (and their ``nn.Module`` forms) compute the distillation losses on one of several backends (``available_backends``,
 ``set_backend``, or the ``FASTKD_BACKEND`` environment variable); ``logit_mask`` says which
-token rows a logit loss counts. ``Stage``, ``Schedule`` and ``StageRunner`` distil a student from a
-teacher in one, two or three stages.
+token rows a logit loss counts and ``logit_labels`` their targets. ``Stage``, ``Schedule`` and
+``StageRunner`` distil a student from a teacher in one, two or three stages; ``register_loss`` adds a
+loss that a ``Stage`` can name.
 """
 
 from fastkd._backend import available_backends, get_backend, set_backend
@@ -14,9 +15,9 @@ from fastkd.attention_qk import attention_kl_qk, relation_kl
 from fastkd.fused_linear import FusedLinearKLLoss, fused_linear_kl
 from fastkd.hidden import hidden_mse
 from fastkd.logit import LogitParts, logit_kl
-from fastkd.masks import logit_mask
+from fastkd.masks import logit_labels, logit_mask
 from fastkd.modules import AttentionKLLoss, HiddenMSELoss, LogitKLLoss
-from fastkd.runner import Schedule, Stage, StageRunner
+from fastkd.runner import Schedule, Stage, StageRunner, register_loss
 
 __all__ = [
     "AttentionKLLoss",
@@ -35,7 +36,9 @@ __all__ = [
     "get_passes",
     "hidden_mse",
     "logit_kl",
+    "logit_labels",
     "logit_mask",
+    "register_loss",
     "relation_kl",
     "set_backend",
     "set_passes",

@@ -1,8 +1,9 @@
-"""Which token rows of a batch a logit loss counts.
+"""Which token rows of a batch a logit loss counts, and the label of each row.
 
 transformers' ``labels`` are not shifted: a causal LM's logits at position ``i`` predict token
-``i + 1``, so row ``i`` counts when position ``i`` is a real token and token ``i + 1`` has a label;
-a masked LM's (BERT's) logits at position ``i`` predict token ``i`` itself.
+``i + 1``, so row ``i`` counts when position ``i`` is a real token and token ``i + 1`` has a label,
+and that label is its target; a masked LM's (BERT's) logits at position ``i`` predict token ``i``
+itself.
 """
 
 from __future__ import annotations
@@ -44,6 +45,27 @@ def logit_mask(
     if causal:
         targets = torch.cat([targets[:, 1:], torch.zeros_like(targets[:, :1])], dim=1)
     return targets if valid is None else valid & targets
+
+
+def logit_labels(
+    labels: torch.Tensor, attention_mask: torch.Tensor | None = None, *, causal: bool = True
+) -> torch.Tensor:
+    """The target of each row of ``[B, L]`` logits, a ``[B, L]`` tensor of ``labels``' dtype:
+
+    - causal LM (``causal=True``): row ``i``'s target is ``labels[:, i + 1]``;
+    - masked LM (``causal=False``): row ``i``'s target is ``labels[:, i]``;
+
+    and -100 (ignored) wherever ``logit_mask(labels, attention_mask, causal=causal)`` is False (the
+    last row of a causal LM, padding, tokens without a label). Pass the result as ``labels=`` to
+    ``logit_kl`` or ``fused_linear_kl`` (flattened to ``[B * L]`` when the logits are) with
+    ``mask=logit_mask(...)``.
+    """
+    if labels is None:
+        raise TypeError("labels: expected a [B, L] tensor of transformers labels, got None")
+    rows = logit_mask(labels, attention_mask, causal=causal)
+    if causal:
+        labels = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], IGNORE_INDEX)], dim=1)
+    return labels.masked_fill(~rows, IGNORE_INDEX)
 
 
 def _describe(value: object) -> str:

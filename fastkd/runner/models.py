@@ -18,6 +18,9 @@ by :class:`TransformersAdapter` automatically; a plain ``nn.Module`` is distille
   layer (``[B, L, D]``); the LM head itself must not run;
 - ``lm_head() -> (weight [V, D], bias [V] or None)``: that final linear layer; raise ``ValueError``
   when the model has none (the default);
+- optionally ``head_transform() -> (logit_scale, softcap)`` (default ``(1.0, None)``): how the
+  model's final logits are made from that layer's output ``y = h W^T + b``: ``z = y * logit_scale``,
+  then ``softcap * tanh(z / softcap)`` when ``softcap`` is not None;
 - optionally ``set_attention_maps(enabled)``: called when a stage starts, with whether the stage
   has ``att`` (the default does nothing).
 
@@ -51,16 +54,19 @@ soft-capping, a sliding or chunked window, ALiBi; checked again per call: ``soft
 ``get_output_embeddings()``: a plain ``lm_head`` linear layer (Llama, Qwen2, GPT-2, ...), or BERT's
 ``cls.predictions``, whose transform (dense, activation, LayerNorm) is applied to the final hidden
 states to make the head input; such a model is a masked LM unless ``config.is_decoder``, a model
-with an ``lm_head`` is causal. Other heads need a :class:`ModelAdapter`. A model whose final
-logits are transformed after the head (``LOGIT_TRANSFORMS``: Gemma-2/3's soft-capping, Cohere's
-``logit_scale``, Granite's ``logits_scaling``) cannot be used in a stage with ``logit``: the logit
-loss works on the head's linear output.
+with an ``lm_head`` is causal. Other heads need a :class:`ModelAdapter`. Final logits transformed
+after the head (:func:`config_head_transform`) are read from the config, or its text config:
+Gemma-2/3's ``final_logit_softcapping`` is the ``softcap``, Cohere's ``logit_scale`` the
+``logit_scale``, Granite's ``logits_scaling`` divides (``logit_scale = 1 / logits_scaling``). A
+config with another field that transforms the final logits (``UNAPPLIED_LOGIT_TRANSFORMS``), or any
+field naming logits that fastkd does not know, is refused where the head is used.
 """
 
 from __future__ import annotations
 
 import abc
 import contextlib
+import math
 from collections.abc import Iterator, Mapping, Sequence
 from typing import NamedTuple
 
@@ -70,8 +76,22 @@ from torch import nn
 
 ATTENTION_NAME = "fastkd"
 
-# transformers config field that transforms the final logits -> its value when it does not.
-LOGIT_TRANSFORMS = {"final_logit_softcapping": None, "logit_scale": 1, "logits_scaling": 1}
+# transformers config fields that transform the final logits, as config_head_transform applies them.
+SOFTCAP_FIELD = "final_logit_softcapping"  # Gemma-2/3: softcap
+SCALE_FIELDS = {"logit_scale": False, "logits_scaling": True}  # Cohere, Granite -> whether it divides
+# Config fields that transform the final logits in ways fastkd does not apply -> their value when they do not.
+UNAPPLIED_LOGIT_TRANSFORMS = {
+    "logits_soft_cap": None,  # RecurrentGemma
+    "output_logit_soft_cap": None,  # xLSTM
+    "output_multiplier": 1,  # MuseGlimmer, MuseSpark
+    "lm_head_multiplier": 1,  # Falcon-H1
+    "logits_mup_width_multiplier": 1,  # Inkling
+}
+# Config fields whose names mention logits but that leave the final logits as they are.
+NOT_FINAL_LOGITS = frozenset({
+    "attn_logit_softcapping", "attention_logit_cap", "conf_attention_logit_cap", "moe_router_logit_softcapping",
+    "output_router_logits", "num_logits_to_keep",
+})
 
 
 class AttentionInputs(NamedTuple):
@@ -121,6 +141,11 @@ class ModelAdapter(abc.ABC):
     def lm_head(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``(weight [V, D], bias [V] or None)`` of the LM head's final linear layer."""
         raise ValueError(f"{type(self.module).__name__} has no LM head, so a stage with 'logit' cannot use it")
+
+    def head_transform(self) -> tuple[float, float | None]:
+        """``(logit_scale, softcap)``: the final logits are ``softcap * tanh(z / softcap)`` (``z`` when
+        ``softcap`` is None) of ``z = (h W^T + b) * logit_scale``, ``W, b = lm_head()``."""
+        return 1.0, None
 
     def set_attention_maps(self, enabled: bool) -> None:
         """Called when a stage starts: whether the stage has ``att`` (maps or attention inputs will be asked for)."""
@@ -318,14 +343,45 @@ def attention_inputs_problem(config, blocks: Sequence[int]) -> str | None:
     return None
 
 
-def logit_transform(config) -> str | None:
-    """``"field=value"`` of the first ``LOGIT_TRANSFORMS`` field that ``config`` (or its text config) turns on."""
-    for part in (config, config.get_text_config()):
-        for field, identity in LOGIT_TRANSFORMS.items():
-            value = getattr(part, field, identity)
-            if value is not None and value != identity:
-                return f"{field}={value!r}"
-    return None
+def config_head_transform(config) -> tuple[float, float | None]:
+    """``(logit_scale, softcap)`` of a transformers model's final logits (see
+    :meth:`ModelAdapter.head_transform`), from ``config`` and its text config: ``softcap =
+    final_logit_softcapping``, ``logit_scale = logit_scale / logits_scaling`` (each 1 when unset).
+
+    ValueError when a field of ``UNAPPLIED_LOGIT_TRANSFORMS`` changes the logits, when a field whose
+    name mentions logits is none of those fastkd knows, or when a value is not a finite number > 0.
+    """
+    text = config.get_text_config()
+    parts = (config,) if text is config else (config, text)
+
+    def refused(field, value, why):
+        return ValueError(
+            f"{type(config).__name__}: its config sets {field}={value!r}, {why}; the LM head's logits cannot be "
+            "made as this model makes them, so a stage whose losses use the LM head cannot use it (a "
+            "fastkd.runner.ModelAdapter whose head_transform() says how its logits are made can)"
+        )
+
+    known = {SOFTCAP_FIELD, *SCALE_FIELDS, *UNAPPLIED_LOGIT_TRANSFORMS, *NOT_FINAL_LOGITS}
+    values = {}
+    for part in parts:
+        for field, value in vars(part).items():
+            if value is None or field.startswith("_"):
+                continue
+            if field in UNAPPLIED_LOGIT_TRANSFORMS and value != UNAPPLIED_LOGIT_TRANSFORMS[field]:
+                raise refused(field, value, "which transforms the final logits in a way fastkd does not apply")
+            if "logit" in field.lower() and field not in known and value is not False:
+                raise refused(field, value, "a field fastkd does not know, which may transform the final logits")
+            if field == SOFTCAP_FIELD or field in SCALE_FIELDS:
+                if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+                    math.isfinite(value) and value > 0
+                ):
+                    raise refused(field, value, "expected a finite number > 0")
+                values[field] = float(value)
+    scale = 1.0
+    for field, divides in SCALE_FIELDS.items():
+        value = values.get(field, 1.0)
+        scale = scale / value if divides else scale * value
+    return scale, values.get(SOFTCAP_FIELD)
 
 
 class TransformersAdapter(ModelAdapter):
@@ -338,7 +394,6 @@ class TransformersAdapter(ModelAdapter):
         self.hidden_size = config.hidden_size
         self.num_heads = config.num_attention_heads
         self.causal = _mlm_predictions(model) is None or bool(getattr(config, "is_decoder", False))
-        self._logit_transform = logit_transform(config)
         self._own_attention = config._attn_implementation
         register_attention()
 
@@ -351,14 +406,11 @@ class TransformersAdapter(ModelAdapter):
             self.module.set_attn_implementation(name)
 
     def lm_head(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        if self._logit_transform is not None:
-            raise ValueError(
-                f"{type(self.module).__name__}: its config sets {self._logit_transform}, which transforms the "
-                "final logits after the LM head; the logit loss does not support that, so a stage with 'logit' "
-                "cannot use this model"
-            )
         _, head = _head_parts(self.module)
         return head.weight, head.bias
+
+    def head_transform(self) -> tuple[float, float | None]:
+        return config_head_transform(self.module.config)
 
     def features(self, batch, *, hidden, attentions, head_input, attention_inputs=None) -> Features:
         if attention_inputs not in (None, "qk", "qkv"):

@@ -1,8 +1,9 @@
 """``StageRunner``: distil a student from a teacher through a :class:`~fastkd.runner.Schedule`.
 
 Step ``k`` of a stage computes ``loss = sum(w(k) * L)`` over the stage's losses (``w(k)``: the
-weight, constant or a function of ``k``), with ``m`` the padding mask (``attention_mask``) of the
-batch:
+weight, constant or a function of ``k``), each a loss registered in :mod:`fastkd.runner.losses`
+(:func:`fastkd.register_loss` adds others), with ``m`` the padding mask (``attention_mask``) of the
+batch. The built-in ones:
 
 - ``hidden``: ``fastkd.hidden_mse([P_k(h_s[i_k])], [h_t[j_k]], mask=m)`` over the layer map's
   hidden pairs ``(i_k, j_k)``; ``P_k`` is a learned ``nn.Linear(D_s, D_t)`` per pair when the
@@ -31,13 +32,23 @@ batch:
   chunked windows, ALiBi, attention sinks are refused with the reason, pointing to ``"maps"``
   (whose eager attention applies the mask the model builds, so a sliding window is fine there);
 - ``logit``: ``fastkd.fused_linear_kl(head input of the student, its LM-head weight, the teacher's
-  two, temperature=T, mask=fastkd.logit_mask(labels, m, causal=...))``: the logits are never
-  materialised; for a causal LM row ``i`` counts when token ``i + 1`` has a label, for a masked LM
-  when token ``i`` has one (without ``labels``: every row of ``m``).
+  two, temperature=T, mask=fastkd.logit_mask(labels, m, causal=...), divergence=..., beta=...,
+  vocab=..., student/teacher softcap and logit scale)``, the constructor's ``divergence``,
+  ``beta``, ``vocab`` and each model's head transform (``ModelAdapter.head_transform``: Gemma's
+  ``final_logit_softcapping``, Cohere's ``logit_scale``, Granite's ``1 / logits_scaling``): the
+  logits are never materialised; for a causal LM row ``i`` counts when token ``i + 1`` has a
+  label, for a masked LM when token ``i`` has one (without ``labels``: every row of ``m``);
+- ``ce``: the student's hard-label cross-entropy on the batch's ``labels``, ``sum_i (logsumexp(s_i)
+  - s_i[y_i]) / max(n, 1)`` over the ``n`` rows with a target ``y = fastkd.logit_labels(labels, m,
+  causal=...)`` (the rows ``logit_mask`` counts; a causal LM's row ``i`` has token ``i + 1``'s
+  label). With ``logit`` in the stage it comes from the same pass (``w_logit * KD + w_ce * CE``);
+  without, the teacher does not run. A batch without ``labels`` raises.
 
-The models are asked only for what the stage uses: no LM head runs in a stage without ``logit``,
-and a stage with only ``logit`` asks for no hidden states, attention maps or attention inputs. The
-teacher runs in eval mode under ``torch.no_grad``, the student in train mode.
+The models are asked only for what the stage's losses need (:class:`~fastkd.runner.losses.StageLoss`
+``needs``): no LM head runs in a stage without ``logit`` or ``ce``, a stage with only ``logit``
+asks for no hidden states, attention maps or attention inputs, and a model of which nothing is
+needed does not run. The teacher runs in eval mode under ``torch.no_grad``, the student in train
+mode.
 
 The runner does not wait for the device during a step (a replayed CUDA graph does not; an eager
 step may, inside transformers' forward pass; ``measure=True`` does, to time the step; writing a
@@ -62,22 +73,20 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-import fastkd
 from fastkd import _one_pass
-from fastkd._validation import check_choice, check_temperature
-from fastkd.fused_linear import fused_linear_kl
-from fastkd.masks import logit_mask
+from fastkd._validation import VOCABS, check_choice, check_divergence, check_temperature, check_vocab
+from fastkd.fused_linear import check_head
 from fastkd.runner import checkpoint
 from fastkd.runner.graphs import StageGraph, make_capturable, log
 from fastkd.runner.layer_map import resolve_layer_map
+from fastkd.runner.losses import PROJECTION_FIELDS, LossContext, WeightedLosses, registered_losses
 from fastkd.runner.measure import StepMeter
 from fastkd.runner.metrics import FiniteWatch, Metrics, NonFiniteLossError
-from fastkd.runner.models import AttentionInputs, Features, ModelAdapter, TransformersAdapter, as_adapter
-from fastkd.runner.schedule import LOSSES, Schedule, Stage
+from fastkd.runner.models import ModelAdapter, TransformersAdapter, as_adapter
+from fastkd.runner.schedule import Schedule, Stage
 
 ATTENTION_MODES = ("qk", "maps", "relations")
-PROJECTIONS = ("q", "k", "v")
-_FIELDS = {"q": "query", "k": "key", "v": "value"}
+PROJECTIONS = tuple(PROJECTION_FIELDS)
 
 
 @dataclass(frozen=True)
@@ -89,6 +98,11 @@ class Request:
     attentions: tuple[int, ...]
     head_input: bool
     attention_inputs: str | None = None
+
+    @property
+    def empty(self) -> bool:
+        """Whether nothing is asked (the model need not run)."""
+        return not (self.hidden or self.attentions or self.head_input)
 
     def kwargs(self) -> dict[str, object]:
         """The keyword arguments of ``features``; ``attention_inputs`` only when set (a maps-only
@@ -110,6 +124,12 @@ class StageRunner:
         layer_map: ``"uniform"``, ``"last"`` or ``(student, teacher)`` hidden-state pairs
             (see :mod:`fastkd.runner.layer_map`).
         temperature: the logit loss's temperature ``T``.
+        divergence: the logit loss's divergence of each row, as ``fastkd.logit_kl``'s:
+            ``"forward"`` (``T^2 KL(p_t || p_s)``), ``"reverse"``, ``"jsd"`` or ``"tvd"``.
+        beta: ``"jsd"``'s mixing weight, in (0, 1) (None: 0.5); only with ``divergence="jsd"``.
+        vocab: ``"exact"`` (the LM heads must have one vocabulary size) or ``"common"`` (the logit
+            loss compares the first ``min(V_s, V_t)`` rows of the heads, for vocabularies that
+            differ by padding rows).
         attention: how ``att`` compares the paired blocks' attention (module docstring): ``"qk"``
             (from queries and keys, no maps), ``"maps"`` (from ``[B, H, L, L]`` probability maps) or
             ``"relations"``. None (the default): ``"relations"`` when ``relation_heads`` or
@@ -149,6 +169,9 @@ class StageRunner:
         *,
         layer_map: object = "uniform",
         temperature: float = 1.0,
+        divergence: str = "forward",
+        beta: float | None = None,
+        vocab: str = "exact",
         attention: str | None = None,
         relation_heads: int | None = None,
         relation_projections: Sequence[str] | None = None,
@@ -184,6 +207,11 @@ class StageRunner:
         self.schedule = schedule
         self.optimizer = optimizer
         self.temperature = check_temperature(temperature)
+        # As the logit kernels read them: beta is jsd's (0.5 when None), 0.0 (unread) for the others.
+        self.divergence, self.beta = check_divergence(divergence, beta)
+        self.vocab = check_choice("vocab", vocab, VOCABS)
+        # The losses registered now, name -> StageLoss: what the schedule's names mean for this runner.
+        self.losses = registered_losses()
         self.layer_map = resolve_layer_map(layer_map, self.student.num_layers, self.teacher.num_layers)
         self.checkpoint_dir = checkpoint_dir
         self.checkpoint_every = checkpoint_every
@@ -195,15 +223,20 @@ class StageRunner:
 
         parameter = next(self.student.module.parameters())
         self.device = parameter.device
-        used = {name for stage in schedule for name in stage.losses}
+        # need -> the schedule's losses that need it (for the checks and their messages)
+        needed_by: dict[str, list[str]] = {}
+        for name in dict.fromkeys(name for stage in schedule for name in stage.losses):
+            for need in self.losses[name].needs:
+                needed_by.setdefault(need, []).append(name)
         # How 'att' is computed (the constructor's `attention`, resolved) and its relation options.
-        self.attention = self._check_attention(attention, "att" in used)
+        self.attention = self._check_attention(attention, needed_by.get("attention"))
         self.relation_heads = relation_heads
         self.relation_projections = relation_projections
-        if self.attention == "relations" and "att" in used:
+        if self.attention == "relations" and "attention" in needed_by:
             self._check_relation_widths()
-        self._check_models(used)
-        project = "hidden" in used and self.student.hidden_size != self.teacher.hidden_size
+        # role -> (logit_scale, softcap) of each model whose LM head a loss needs
+        self.head_transforms = self._check_heads(needed_by)
+        project = "hidden" in needed_by and self.student.hidden_size != self.teacher.hidden_size
         _check_scheduler(lr_scheduler, len(optimizer.param_groups), project)
         self.projections = nn.ModuleList()
         if project:
@@ -237,29 +270,31 @@ class StageRunner:
         self._requests: tuple[Request, Request] | None = None
         self._graph: StageGraph | None = None
         self._meter = StepMeter(self.device)
-        # The weight of each of LOSSES at the current step, read by the step (and its CUDA graph).
-        self._weights = torch.zeros(len(LOSSES), device=self.device)
+        # The weight of each of self.losses at the current step, read by the step (and its CUDA graph).
+        self._weights = torch.zeros(len(self.losses), device=self.device)
+        self._index = {name: i for i, name in enumerate(self.losses)}
         self._filled: tuple[tuple[str, float], ...] | None = None
-        self._watch = FiniteWatch(self.device, 1 + len(LOSSES))
+        self._watch = FiniteWatch(self.device, 1 + len(self.losses))
 
     # ----------------------------------------------------------------------------------------
     # Set-up checks.
 
-    def _check_attention(self, attention: str | None, uses_att: bool) -> str:
-        """The attention mode: ``attention`` checked against the models, or the default chosen."""
-        if not uses_att:
+    def _check_attention(self, attention: str | None, users: list[str] | None) -> str:
+        """The attention mode: ``attention`` checked against the models, or the default chosen;
+        ``users``: the schedule's losses that need the attention (None: none does)."""
+        if not users:
             return attention or "qk"
         if not self.layer_map.attention:
-            raise ValueError("layer_map: a stage uses 'att' but the layer map pairs no blocks")
+            raise ValueError(f"layer_map: a stage uses {', '.join(map(repr, users))} but the layer map pairs no blocks")
         heads = (self.student.num_heads, self.teacher.num_heads)
         if attention != "relations" and heads[0] != heads[1]:
             chosen = f"attention={attention!r} needs"
             if attention is None:
                 chosen = "attention='qk' (the default) and 'maps' need"
             raise ValueError(
-                f"att: {chosen} equal head counts, the student has {heads[0]} attention heads and the teacher "
-                f"{heads[1]}; pass attention='relations' with relation_heads=R (R dividing both models' query, key "
-                "and value widths), which compares MiniLMv2 relations and takes any head counts and widths"
+                f"{', '.join(users)}: {chosen} equal head counts, the student has {heads[0]} attention heads and "
+                f"the teacher {heads[1]}; pass attention='relations' with relation_heads=R (R dividing both models' "
+                "query, key and value widths), which compares MiniLMv2 relations and takes any head counts and widths"
             )
         problems = {}
         for side, (role, model) in enumerate((("student", self.student), ("teacher", self.teacher))):
@@ -270,7 +305,7 @@ class StageRunner:
         if attention is None:
             if not problems:
                 return "qk"
-            log.info("att: attention='maps', since %s", "; ".join(problems.values()))
+            log.info("%s: attention='maps', since %s", ", ".join(users), "; ".join(problems.values()))
             return "maps"
         if attention != "maps" and problems:
             raise ValueError(
@@ -293,26 +328,38 @@ class StageRunner:
                 width = counts[name] * head_dim
                 if width % self.relation_heads:
                     raise ValueError(
-                        f"relation_heads: {self.relation_heads} does not divide the {role}'s {_FIELDS[name]} width "
-                        f"{width} ({counts[name]} heads of {head_dim}); pick a count dividing the widths of "
-                        f"relation_projections={self.relation_projections} in both models"
+                        f"relation_heads: {self.relation_heads} does not divide the {role}'s "
+                        f"{PROJECTION_FIELDS[name]} width {width} ({counts[name]} heads of {head_dim}); pick a count "
+                        f"dividing the widths of relation_projections={self.relation_projections} in both models"
                     )
 
-    def _check_models(self, used: set[str]) -> None:
-        if "logit" in used:
-            student_weight, _ = self.student.lm_head()
-            teacher_weight, _ = self.teacher.lm_head()
-            if student_weight.shape[0] != teacher_weight.shape[0]:
-                raise ValueError(
-                    f"logit: vocabulary sizes differ, student V={student_weight.shape[0]}, "
-                    f"teacher V={teacher_weight.shape[0]}"
-                )
+    def _check_heads(self, needed_by: dict[str, list[str]]) -> dict[str, tuple[float, float | None]]:
+        """Check the LM heads the losses need (``"head"``: both models', ``"student_head"``: the
+        student's): they exist, their vocabularies agree as ``vocab`` says and both models are causal
+        or both masked LMs; return each such model's checked ``(logit_scale, softcap)``."""
+        users = {"student": needed_by.get("head", []) + needed_by.get("student_head", []),
+                 "teacher": needed_by.get("head", [])}
+        transforms = {}
+        for role, model in (("student", self.student), ("teacher", self.teacher)):
+            if not users[role]:
+                continue
+            model.lm_head()  # raises where there is none
+            scale, softcap = model.head_transform()
+            transforms[role] = check_head(role, scale, softcap)
+        if "head" in needed_by:
+            prefix = ", ".join(needed_by["head"])
+            try:
+                check_vocab(self.vocab, self.student.lm_head()[0].shape[0], self.teacher.lm_head()[0].shape[0],
+                            ("the student's LM head", "the teacher's LM head"))
+            except ValueError as error:
+                raise ValueError(f"{prefix}: {error}") from None
             if self.student.causal != self.teacher.causal:
                 kinds = {True: "a causal LM", False: "a masked LM"}
                 raise ValueError(
-                    f"logit: the student is {kinds[self.student.causal]} and the teacher {kinds[self.teacher.causal]}, "
-                    "so their logits at a position predict different tokens"
+                    f"{prefix}: the student is {kinds[self.student.causal]} and the teacher "
+                    f"{kinds[self.teacher.causal]}, so their logits at a position predict different tokens"
                 )
+        return transforms
 
     # ----------------------------------------------------------------------------------------
     # Position in the schedule.
@@ -337,19 +384,24 @@ class StageRunner:
             raise ValueError(f"step: expected an int in 0..{self.schedule.total_steps}, got {step!r}")
         self.step_index = step
 
+    def _needs(self, stage: Stage) -> set[str]:
+        """What the stage's losses need (``NEEDS`` of :mod:`fastkd.runner.losses`)."""
+        return {need for name in stage.losses for need in self.losses[name].needs}
+
     def _set_modes(self) -> None:
-        """Student in train mode, teacher in eval mode, fastkd's attention on exactly in stages with 'att'."""
-        uses_att = "att" in self.schedule[self._stage_index].losses
+        """Student in train mode, teacher in eval mode, fastkd's attention on exactly in stages
+        whose losses need the attention."""
+        uses_att = "attention" in self._needs(self.schedule[self._stage_index])
         self.student.set_attention_maps(uses_att)
         self.teacher.set_attention_maps(uses_att)
         self.student.module.train()
         self.teacher.module.eval()
 
     def _enter_stage(self, index: int) -> None:
-        stage = self.schedule[index]
-        uses_att = "att" in stage.losses
+        needs = self._needs(self.schedule[index])
+        uses_att = "attention" in needs
         pairs = {
-            "hidden": self.layer_map.hidden if "hidden" in stage.losses else (),
+            "hidden": self.layer_map.hidden if "hidden" in needs else (),
             "att": self.layer_map.attention if uses_att else (),
         }
         inputs = None
@@ -359,10 +411,10 @@ class StageRunner:
             Request(
                 hidden=tuple(pair[side] for pair in pairs["hidden"]),
                 attentions=tuple(pair[side] for pair in pairs["att"]),
-                head_input="logit" in stage.losses,
+                head_input=head_input,
                 attention_inputs=inputs,
             )
-            for side in (0, 1)
+            for side, head_input in ((0, bool(needs & {"head", "student_head"})), (1, "head" in needs))
         )
         self._graph = None
         if self.graph_reason is None:
@@ -375,113 +427,46 @@ class StageRunner:
     # One step.
 
     def _losses(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        """``[total, L_name for each loss of the stage]``, a 1-D float32 tensor."""
+        """``[total, L_name for each loss of the stage]``, a 1-D float32 tensor: each loss's
+        function called in the stage's order (:mod:`fastkd.runner.losses`), under
+        ``expected_upstream(w_name)``; ``total = sum(w * L)`` with the weights read from
+        ``self._weights``, a :class:`WeightedLosses` result's ``total`` as it is."""
         stage = self.schedule[self._stage_index]
         student_request, teacher_request = self._requests
-        mask = batch["attention_mask"]
-        with torch.no_grad():
-            t = self.teacher.features(batch, **teacher_request.kwargs())
-        s = self.student.features(batch, **student_request.kwargs())
-        losses = []
-        if "hidden" in stage.losses:
-            hidden = [p(h) for p, h in zip(self.projections, s.hidden)] if self.projections else s.hidden
-            with self._weight_expected("hidden"):
-                losses.append(fastkd.hidden_mse(hidden, t.hidden, mask=mask))
-        if "att" in stage.losses:
-            with self._weight_expected("att"):
-                losses.append(self._attention_loss(s, t, mask))
-        if "logit" in stage.losses:
-            losses.append(self._logit_loss(batch, s, t))
-        return self._weighted(stage, losses)
-
-    def _weight_expected(self, name: str):
-        """One-pass losses computed in this block write their gradient for the upstream gradient
-        ``w`` they get from the weighted total (see fastkd._one_pass), not for 1."""
-        return _one_pass.expected_upstream(self._weights[LOSSES.index(name)])
-
-    def _weighted(self, stage: Stage, losses: list[torch.Tensor]) -> torch.Tensor:
-        """``[sum(w * L), *L]`` in float32, with this step's weights ``w`` read from ``self._weights``."""
-        losses = [loss.float() for loss in losses]
-        total = sum(self._weights[LOSSES.index(name)] * loss for name, loss in zip(stage.losses, losses))
-        return torch.stack([total, *losses])
+        t = None
+        if not teacher_request.empty:
+            with torch.no_grad():
+                t = self.teacher.features(batch, **teacher_request.kwargs())
+        s = None if student_request.empty else self.student.features(batch, **student_request.kwargs())
+        student_hidden = [] if s is None else s.hidden
+        if self.projections and student_hidden:
+            student_hidden = [p(h) for p, h in zip(self.projections, student_hidden)]
+        weights = {name: self._weights[self._index[name]] for name in stage.losses}
+        ctx = LossContext(self, stage, batch, s, t, student_hidden, [] if t is None else t.hidden, weights)
+        values: dict[str, torch.Tensor] = {}
+        total = None
+        for name in stage.losses:
+            if name in values:  # given by an earlier loss's WeightedLosses
+                continue
+            with _one_pass.expected_upstream(weights[name]):
+                result = self.losses[name].fn(ctx)
+            if isinstance(result, WeightedLosses):
+                given = _check_values(name, stage, values, result.values)
+                part = result.total.float()
+            else:
+                given = _check_values(name, stage, values, {name: result})
+                part = weights[name] * given[name]
+            values.update(given)
+            total = part if total is None else total + part
+        return torch.stack([total, *(values[name] for name in stage.losses)])
 
     def _fill_weights(self, stage: Stage, step: int) -> None:
         """Write the weights of step ``step`` of ``stage`` into ``self._weights`` (where they changed)."""
         weights = tuple((name, stage.weight(name, step)) for name in stage.losses)
         if weights != self._filled:
             for name, weight in weights:
-                self._weights[LOSSES.index(name)].fill_(weight)
+                self._weights[self._index[name]].fill_(weight)
             self._filled = weights
-
-    def _attention_loss(self, s: Features, t: Features, mask: torch.Tensor) -> torch.Tensor:
-        """The ``att`` loss of the stage's attention pairs, as ``self.attention`` says (module docstring)."""
-        if self.attention == "maps":
-            return fastkd.attention_kl(s.attentions, t.attentions, mask=mask, kind="probs")
-        student = self._attention_inputs("student", self.student, s)
-        teacher = self._attention_inputs("teacher", self.teacher, t)
-        flags = {x.causal for x in (*student, *teacher)}
-        if len(flags) > 1:
-            raise ValueError(
-                "att: the paired blocks' attention is causal in some and bidirectional in others (student "
-                f"{[x.causal for x in student]}, teacher {[x.causal for x in teacher]}); attention_kl_qk takes one "
-                "causal flag, use attention='maps'"
-            )
-        causal = flags.pop()
-        if self.attention == "relations":
-            per_projection = []
-            for name in self.relation_projections:
-                field = _FIELDS[name]
-                per_projection.append(fastkd.relation_kl(
-                    [_concatenated(getattr(x, field)) for x in student],
-                    [_concatenated(getattr(x, field)) for x in teacher],
-                    relation_heads=self.relation_heads, mask=mask, causal=causal,
-                ))
-            return per_projection[0] if len(per_projection) == 1 else torch.stack(per_projection).mean()
-        student_scales = [_scaling(x) for x in student]
-        teacher_scales = [_scaling(x) for x in teacher]
-        if len(set(student_scales)) == 1 and len(set(teacher_scales)) == 1:
-            return fastkd.attention_kl_qk(
-                [x.query for x in student], [x.key for x in student],
-                [x.query for x in teacher], [x.key for x in teacher],
-                mask=mask, causal=causal, student_scale=student_scales[0], teacher_scale=teacher_scales[0],
-            )
-        # Scalings differ between blocks (e.g. GPT-2's scale_attn_by_inverse_layer_idx): each pair on its
-        # own, then the mean of the pairs' means, which is what the sequence form's "mean" is.
-        return torch.stack([
-            fastkd.attention_kl_qk(x.query, x.key, y.query, y.key, mask=mask, causal=causal,
-                                   student_scale=a, teacher_scale=b)
-            for x, y, a, b in zip(student, teacher, student_scales, teacher_scales)
-        ]).mean()
-
-    def _attention_inputs(self, role: str, model: ModelAdapter, features: Features) -> list[AttentionInputs]:
-        """``features.attention_inputs``, checked, with ``causal`` resolved to a bool."""
-        wanted = len(self.layer_map.attention)
-        got = list(features.attention_inputs)
-        if len(got) != wanted or not all(isinstance(x, AttentionInputs) for x in got):
-            raise RuntimeError(
-                f"{role}: {type(model).__name__}.features returned {len(got)} attention input(s) for {wanted} "
-                f"attention block(s); with attention={self.attention!r} it must return one "
-                "fastkd.runner.models.AttentionInputs per block in Features.attention_inputs"
-            )
-        needs_value = self.attention == "relations" and "v" in self.relation_projections
-        if needs_value and any(x.value is None for x in got):
-            raise RuntimeError(f"{role}: {type(model).__name__}.features returned no value tensors for 'v' relations")
-        return [x._replace(causal=model.causal if x.causal is None else bool(x.causal)) for x in got]
-
-    def _logit_loss(self, batch: Mapping[str, torch.Tensor], s: Features, t: Features) -> torch.Tensor:
-        student_weight, student_bias = self.student.lm_head()
-        teacher_weight, teacher_bias = self.teacher.lm_head()
-        mask = logit_mask(batch.get("labels"), batch["attention_mask"], causal=self.student.causal)
-        return fused_linear_kl(
-            s.head_input.flatten(0, -2),
-            student_weight,
-            t.head_input.flatten(0, -2),
-            teacher_weight.detach(),
-            student_bias=student_bias,
-            teacher_bias=None if teacher_bias is None else teacher_bias.detach(),
-            temperature=self.temperature,
-            mask=mask.reshape(-1),
-        )
 
     def _eager_step(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         self.optimizer.zero_grad(set_to_none=True)
@@ -496,6 +481,13 @@ class StageRunner:
         prepared = {name: value.to(self.device, non_blocking=True) for name, value in batch.items()}
         if "attention_mask" not in prepared:
             prepared["attention_mask"] = torch.ones_like(prepared["input_ids"])
+        stage = self.schedule[self._stage_index]
+        if "labels" not in prepared and "labels" in self._needs(stage):
+            needing = [name for name in stage.losses if "labels" in self.losses[name].needs]
+            raise ValueError(
+                f"batch: stage {stage.name!r} has {', '.join(map(repr, needing))}, which needs the batch's 'labels' "
+                "(the hard-label targets, as transformers takes them), but the batch has none"
+            )
         return prepared
 
     def step(self, batch: Mapping[str, torch.Tensor]) -> Metrics:
@@ -628,18 +620,6 @@ def _check_attention_options(
     return "relations", relation_heads, tuple(name for name in PROJECTIONS if name in names)
 
 
-def _concatenated(x: torch.Tensor) -> torch.Tensor:
-    """``[B, H, L, d]`` as ``[B, L, H * d]``: the heads concatenated, as the projection made them."""
-    return x.transpose(1, 2).reshape(x.shape[0], x.shape[2], x.shape[1] * x.shape[3])
-
-
-def _scaling(x: AttentionInputs) -> float:
-    """The block's score scaling as a float (``d ** -0.5`` when None)."""
-    if x.scaling is None:
-        return x.query.shape[-1] ** -0.5
-    return float(x.scaling)
-
-
 def _check_scheduler(lr_scheduler: object, groups: int, project: bool) -> None:
     """A scheduler built beforehand must schedule the optimizer's ``groups`` parameter groups and,
     if ``project``, the one the runner is about to add for its projections."""
@@ -659,6 +639,26 @@ def _check_scheduler(lr_scheduler: object, groups: int, project: bool) -> None:
             "lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, f)), which the runner calls once "
             "every group is there"
         )
+
+
+def _check_values(
+    name: str, stage: Stage, done: Mapping[str, torch.Tensor], values: Mapping[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """The values loss ``name``'s function returned as float32 0-d tensors, after checking that they
+    are such tensors, include ``name`` and are of the stage's losses not computed yet."""
+    wrong = [n for n in values if n not in stage.losses or n in done]
+    if name not in values or wrong:
+        remaining = [n for n in stage.losses if n not in done]
+        raise RuntimeError(
+            f"loss {name!r}: its function returned values for {list(values)}; expected {name!r} and, in a "
+            f"WeightedLosses, only losses of stage {stage.name!r} not computed yet ({remaining})"
+        )
+    for n, value in values.items():
+        if not isinstance(value, torch.Tensor) or value.dim() != 0 or not value.is_floating_point():
+            got = f"a {value.dtype} tensor of shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else \
+                type(value).__name__
+            raise TypeError(f"loss {name!r}: its function returned {got} for {n!r}, expected a 0-d floating tensor")
+    return {n: value.float() for n, value in values.items()}
 
 
 def _loss_names(stage: Stage) -> list[str]:

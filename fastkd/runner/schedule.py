@@ -1,7 +1,9 @@
 """Stages and schedules: which losses, with which weights, for how many steps.
 
-A :class:`Stage` trains with a weighted sum of some of the three losses (``"hidden"``, ``"att"``,
-``"logit"``); a :class:`Schedule` runs stages one after the other. A weight is a constant or a
+A :class:`Stage` trains with a weighted sum of some of the registered losses
+(:mod:`fastkd.runner.losses`: the built-in ``"hidden"``, ``"att"``, ``"logit"``, ``"ce"``, and any
+that :func:`~fastkd.runner.losses.register_loss` added); a :class:`Schedule` runs stages one after
+the other. A weight is a constant or a
 function ``weight(k) -> float`` of the step ``k`` within the stage (from 0), called before each step
 and checked then (finite, >= 0). The presets are the three configurations, every weight 1.0 unless
 ``weights`` says otherwise:
@@ -24,8 +26,7 @@ from dataclasses import dataclass
 from types import MappingProxyType
 
 from fastkd._validation import check_choice
-
-LOSSES = ("hidden", "att", "logit")
+from fastkd.runner.losses import registered_losses
 
 PRESETS: dict[str, tuple[tuple[str, ...], ...]] = {
     "one-stage": (("hidden", "att", "logit"),),
@@ -55,17 +56,22 @@ def _check_weight(where: str, weight: object) -> float:
 
 
 def _check_losses(losses: object) -> Mapping[str, Weight]:
+    registered = tuple(registered_losses())
     if not isinstance(losses, Mapping):
         raise TypeError(f"losses: expected a mapping of loss name to weight, got {type(losses).__name__}")
     if not losses:
-        raise ValueError(f"losses: expected at least one of {', '.join(LOSSES)}, got an empty mapping")
+        raise ValueError(f"losses: expected at least one of {', '.join(registered)}, got an empty mapping")
     checked = {}
     for name, weight in losses.items():
-        if name not in LOSSES:
-            raise ValueError(f"losses: unknown loss {name!r}, expected some of {', '.join(map(repr, LOSSES))}")
+        if name not in registered:
+            raise ValueError(
+                f"losses: unknown loss {name!r}, expected some of the registered losses "
+                f"{', '.join(map(repr, registered))} (fastkd.register_loss adds one)"
+            )
         checked[name] = weight if callable(weight) else _check_weight(f"losses[{name!r}]", weight)
-    # Canonical order (hidden, att, logit), whatever order the caller wrote.
-    return MappingProxyType({name: checked[name] for name in LOSSES if name in checked})
+    # Registry order (hidden, att, logit, ce, then the users' in the order registered), whatever order
+    # the caller wrote.
+    return MappingProxyType({name: checked[name] for name in registered if name in checked})
 
 
 @dataclass(frozen=True, eq=True)
@@ -74,8 +80,9 @@ class Stage:
 
     Args:
         name: shown in metrics and the progress bar.
-        losses: maps ``"hidden"``, ``"att"`` and/or ``"logit"`` to a weight: a float >= 0, or a
-            function of the step within the stage (0 .. steps - 1) returning one.
+        losses: maps registered loss names (``"hidden"``, ``"att"``, ``"logit"``, ``"ce"`` or one
+            that ``fastkd.register_loss`` added) to a weight: a float >= 0, or a function of the
+            step within the stage (0 .. steps - 1) returning one.
         steps: number of optimizer steps, > 0.
     """
 
