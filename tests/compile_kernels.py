@@ -2,8 +2,8 @@
 
     python tests/compile_kernels.py 90 80        (the compute capabilities to compile for)
 
-The losses' public functions run forward and backward on CPU tensors, over the dtypes, masks, kinds
-and tile shapes their launchers specialise on, on both the two-pass and the one-pass path
+The losses' public functions run forward and backward on CPU tensors, over the dtypes, masks, kinds,
+divergences, labels and tile shapes their launchers specialise on, on both the two-pass and the one-pass path
 (``fastkd._one_pass.set_passes``; the backward's upstream gradient is 2, not the 1 the one-pass
 forward assumes, so that it scales the gradients), with the ``"triton"`` backend selected and Triton's
 launch replaced by a compile-only one aimed at each architecture: Triton's own compiler and PTX
@@ -78,18 +78,34 @@ def compile_only(compiled: list):
 
 DTYPE_PAIRS = [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16),
                (torch.bfloat16, torch.float32), (torch.float64, torch.float64)]
-# (loss, its options): V=100 puts several rows in a program, V=5000 and D=5000 one row over blocks
-# attention_kl_qk: L=20 one 32-row tile, L=100 two 64-row tiles (four 32-row tiles for float64);
-# head widths 16/24 (24 padded to 32), grouped-query attention on both sides (H=4, H_kv 2 and 1)
-LOSSES = [("logit_kl", {"vocab": 100}), ("logit_kl", {"vocab": 5000}), ("hidden_mse", {}),
-          ("attention_kl", {"kind": "probs"}), ("attention_kl", {"kind": "scores"}),
-          ("attention_kl_qk", {"length": 20, "causal": False}), ("attention_kl_qk", {"length": 100, "causal": True})]
+# The divergences' and the labels' code works on the accumulator: a float32 one fed by 16-bit loads
+# and a float64 one cover it.
+ACC_DTYPE_PAIRS = [(torch.bfloat16, torch.bfloat16), (torch.float64, torch.float64)]
+# (loss, its options, masks, dtype pairs): V=100 puts several rows in a program, V=5000 and D=5000
+# one row over blocks; logit_kl's other divergences and its labels (a cross-entropy with its
+# gradient), each divergence over both tiles, with and without a mask. attention_kl_qk: L=20 one
+# 32-row tile, L=100 two 64-row tiles (four 32-row tiles for float64); head widths 16/24 (24 padded
+# to 32), grouped-query attention on both sides (H=4, H_kv 2 and 1)
+BOTH = (False, True)
+LOSSES = [
+    ("logit_kl", {"vocab": 100}, BOTH, DTYPE_PAIRS), ("logit_kl", {"vocab": 5000}, BOTH, DTYPE_PAIRS),
+    *(("logit_kl", {"vocab": 100, "divergence": divergence, "labelled": True}, (True,), ACC_DTYPE_PAIRS)
+      for divergence in ("forward", "reverse", "jsd", "tvd")),
+    *(("logit_kl", {"vocab": 5000, "divergence": divergence}, (False,), ACC_DTYPE_PAIRS)
+      for divergence in ("reverse", "jsd", "tvd")),
+    ("hidden_mse", {}, BOTH, DTYPE_PAIRS), ("attention_kl", {"kind": "probs"}, BOTH, DTYPE_PAIRS),
+    ("attention_kl", {"kind": "scores"}, BOTH, DTYPE_PAIRS),
+    ("attention_kl_qk", {"length": 20, "causal": False}, BOTH, DTYPE_PAIRS),
+    ("attention_kl_qk", {"length": 100, "causal": True}, BOTH, DTYPE_PAIRS),
+]
 PASSES = ("two", "auto")  # "auto": the one-pass kernels where a loss has them
 
 
 def run_loss(loss: str, s_dtype: torch.dtype, t_dtype: torch.dtype, masked: bool, vocab=None, kind=None,
-             length=None, causal=False) -> None:
-    """One loss, forward and backward (upstream gradient 2), on small CPU tensors of the given dtypes."""
+             length=None, causal=False, divergence="forward", labelled=False) -> None:
+    """One loss, forward and backward (upstream gradient 2), on small CPU tensors of the given dtypes;
+    ``labelled``: logit_kl with labels (one ignored) and a cross-entropy weight, so that its gradient
+    reaches the kernels too."""
     if loss == "attention_kl_qk":
         query_s = torch.rand((2, 4, length, 16), dtype=s_dtype, requires_grad=True)
         key_s = torch.rand((2, 2, length, 16), dtype=s_dtype, requires_grad=True)
@@ -107,7 +123,12 @@ def run_loss(loss: str, s_dtype: torch.dtype, t_dtype: torch.dtype, masked: bool
     t = [torch.rand(shape, dtype=t_dtype) for shape in shapes]
     mask = torch.ones(mask_shape, dtype=torch.bool) if masked else None
     if loss == "logit_kl":
-        value = fastkd.logit_kl(s[0], t[0], temperature=2.0, mask=mask)
+        options = {"divergence": divergence, "beta": 0.3 if divergence == "jsd" else None}
+        if labelled:
+            labels = torch.randint(0, vocab, mask_shape)
+            labels[0, 0] = -100
+            options.update(labels=labels, ce_weight=0.5)
+        value = fastkd.logit_kl(s[0], t[0], temperature=2.0, mask=mask, **options)
     elif loss == "hidden_mse":
         value = fastkd.hidden_mse(s, t, mask=mask)
     else:
@@ -124,8 +145,9 @@ def main(archs: list[int]) -> None:
     fastkd.set_backend("triton")
     for arch in archs:
         driver.set_active(CompileOnlyDriver(arch))
-        cases = itertools.product(PASSES, LOSSES, DTYPE_PAIRS, (False, True))
-        for passes, (loss, options), (s_dtype, t_dtype), masked in cases:
+        cases = ((passes, loss, options, dtypes, masked) for passes, (loss, options, masks, pairs) in
+                 itertools.product(PASSES, LOSSES) for dtypes in pairs for masked in masks)
+        for passes, loss, options, (s_dtype, t_dtype), masked in cases:
             _one_pass.set_passes(passes)
             try:
                 run_loss(loss, s_dtype, t_dtype, masked, **options)

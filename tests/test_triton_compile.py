@@ -23,10 +23,11 @@ ARCHS = (80, 90)
 
 
 def run_uninterpreted(args: list[str]) -> subprocess.CompletedProcess:
-    """``python *args`` with this process's fastkd on the path and Triton's interpreter off."""
+    """``python *args`` with this process's fastkd on the path and Triton's interpreter off (the whole
+    compile of both architectures takes minutes on two CPU cores)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join([str(pathlib.Path(fastkd.__file__).parents[1]), str(TESTS)])
-    return subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True, timeout=600)
+    return subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True, timeout=1800)
 
 
 def test_every_kernel_compiles_for_each_architecture():
@@ -51,18 +52,40 @@ def test_every_kernel_compiles_for_each_architecture():
         assert variants >= {
             ("_hidden_kernel", "True", "False", None), ("_hidden_kernel", "False", "True", None),
             ("_hidden_kernel", "True", "True", None),
-            *(("_logit_forward_kernel", None, grad, None) for grad in flags),
             *(("_attention_forward_kernel", None, grad, scores) for grad in flags for scores in flags),
             *(("_attention_backward_kernel", None, None, scores) for scores in flags),
         }
+        # the logit kernels: the forward KL over every dtype pair; every divergence, with and without
+        # labels (their cross-entropy's gradient with them), each direction, over a float32 and a
+        # float64 accumulator
+        logit = {(entry["kernel"], entry["signature"]["p_s"], entry["signature"]["p_t"],
+                  *(entry["constants"].get(name) for name in ("DIVERGENCE", "HAS_LABELS", "GRAD", "CE_GRAD")))
+                 for entry in of_arch if entry["kernel"].startswith("_logit")}
+        pairs = {(entry["signature"]["p_s"], entry["signature"]["p_t"]) for entry in of_arch
+                 if entry["kernel"] == "_logit_forward_kernel"}
+        assert pairs == {("*fp32", "*fp32"), ("*bf16", "*bf16"), ("*fp16", "*fp16"), ("*bf16", "*fp32"),
+                         ("*fp64", "*fp64")}
+        assert logit >= {
+            variant
+            for divergence in ("forward", "reverse", "jsd", "tvd") for labels in flags
+            for pair in (pairs if (divergence, labels) == ("forward", "False") else [("*bf16", "*bf16"), ("*fp64", "*fp64")])
+            for variant in (
+                ("_logit_forward_kernel", *pair, divergence, labels, "False", "False"),
+                ("_logit_forward_kernel", *pair, divergence, labels, "True", labels),
+                ("_logit_backward_kernel", *pair, divergence, None, None, labels),
+            )
+        }
+        labelled = {entry["signature"]["p_labels"] for entry in of_arch if "True" in
+                    (entry["constants"].get("HAS_LABELS"), entry["constants"].get("CE_GRAD"))}
+        assert labelled == {"*i64"}
         # the one-pass backward scales the gradients of every student dtype
         scaled = {entry["signature"]["p_grad"] for entry in of_arch if entry["kernel"] == "_scale_gradients_kernel"}
         assert scaled == {"*fp32", "*fp64", "*bf16", "*fp16"}
-        # floating scalars (the temperature, the score scales) reach the kernels as float64 whatever
-        # the accumulator, so float64 inputs are never scaled by float32 factors
+        # floating scalars (the temperature, jsd's beta, the score scales) reach the kernels as float64
+        # whatever the accumulator, so float64 inputs are never scaled by float32 factors
         scalars = {(entry["kernel"], name, ty) for entry in of_arch for name, ty in entry["signature"].items()
                    if not ty.startswith("*") and ty.startswith(("fp", "bf"))}
-        assert {name for _, name, _ in scalars} == {"temperature", "scale_s", "scale_t"}
+        assert {name for _, name, _ in scalars} == {"temperature", "beta", "scale_s", "scale_t"}
         assert {ty for _, _, ty in scalars} == {"fp64"}
 
 

@@ -1,11 +1,12 @@
 """The ``"triton"`` backend: one fused kernel per loss and direction.
 
 Each forward kernel reads every student and teacher element of a row once and writes the row's value
-(and, for softmax losses, the two log-sum-exps); each backward kernel reads the row once more and
-writes the gradient. With ``GRAD`` (one pass, ``fastkd._one_pass``) a forward kernel writes the
-gradient too: from the same loads for ``hidden`` and attention probabilities, and for the softmax
-losses from a second pass over the tile's columns once its log-sum-exps are known (a GPU finds the
-tile in L2 while it is still there); ``_scale_gradients_kernel`` rescales such gradients in backward.
+(and, for softmax losses, the log-sum-exps backward needs); each backward kernel reads the row once
+more and writes the gradient. With ``GRAD`` (one pass, ``fastkd._one_pass``) a forward kernel writes
+the gradient too: from the same loads for ``hidden`` and attention probabilities, and for the softmax
+losses from a further pass over the tile's columns once its log-sum-exps are known (a GPU finds the
+tile in L2 while it is still there); the logit divergences other than ``"forward"`` need such a pass
+for their row values too. ``_scale_gradients_kernel`` rescales one-pass gradients in backward.
 Rows that contribute nothing (masked, or without an entry that counts) read nothing in the forward
 and write a zero gradient. One program handles a tile of ``BLOCK_R`` rows, walking their columns
 ``BLOCK_C`` at a time; offsets are 64-bit. Layer pairs of one dtype combination run in one launch
@@ -99,6 +100,12 @@ def _div(x, y):
 
 
 @triton.jit
+def _lse_from_online(max_x, sum_x):
+    """The float64 log-sum-exp ``max_x + log(sum_x)`` of running sums (-inf for sum_x = 0)."""
+    return max_x.to(tl.float64) + tl.log(sum_x.to(tl.float64))
+
+
+@triton.jit
 def _kl_from_online(max_s, sum_s, max_t, sum_t, cross):
     """Per row ``kl = sum p (t - s) + lse_s - lse_t`` from the running sums, and the float64 lses.
 
@@ -108,8 +115,8 @@ def _kl_from_online(max_s, sum_s, max_t, sum_t, cross):
     """
     has_entries = sum_t > 0
     kl = _div(cross, sum_t) + (max_s - max_t) + tl.log(_div(sum_s, sum_t))
-    lse_s = max_s.to(tl.float64) + tl.log(sum_s.to(tl.float64))
-    lse_t = max_t.to(tl.float64) + tl.log(sum_t.to(tl.float64))
+    lse_s = _lse_from_online(max_s, sum_s)
+    lse_t = _lse_from_online(max_t, sum_t)
     none = float("-inf")
     return tl.where(has_entries, kl, 0.0), tl.where(has_entries, lse_s, none), tl.where(has_entries, lse_t, none)
 
@@ -154,40 +161,145 @@ def _column_bound(m_valid, n_cols):
 
 
 # ----------------------------------------------------------------------------------------- logit
+#
+# Per row, s' = s / T, t' = t / T, log q = log_softmax(s'), log p = log_softmax(t'); DIVERGENCE (a
+# string constexpr) picks the row value r:
+#     "forward": T^2 sum_v p_v (log p_v - log q_v)
+#     "reverse": T^2 sum_v q_v (log q_v - log p_v)
+#     "jsd":     T^2 (beta KL(p‖m) + (1 - beta) KL(q‖m)),  m = beta p + (1 - beta) q
+#     "tvd":     0.5 sum_v |p_v - q_v|
+# and d r / d s = c q (a - S), S = sum_v q_v a_v, c = T (tvd: 1 / T), a per ``_divergence_terms``
+# (forward: q a = -p, S = -1: T (q - p)). With labels (HAS_LABELS), ce = lse(s) - s[label] at T = 1,
+# whose gradient is softmax(s) - onehot(label); CE_GRAD adds grad_ce_rows times it to the gradient.
+# ``b_x`` is the student's block of raw logits s (the CE's), names ending in ``_ce`` its values.
+# stats, float64 [4, R]: lse(s'), lse(t') (-inf where the KD part contributes nothing), lse(s)
+# (-inf on rows without CE), S (0 where unused).
+
+
+@triton.jit
+def _row_labels(p_labels, o_r, m_rows, m_valid, V):
+    """(label, m_ce) of rows ``o_r``: their labels, and the rows with a CE (valid, label in [0, V):
+    any other value, -100 included, is no label)."""
+    label = tl.load(p_labels + o_r, mask=m_rows, other=-1)
+    return label, m_valid & (label >= 0) & (label < V)
+
+
+@triton.jit
+def _divergence_terms(b_s, b_t, lse_s_hi, lse_s_lo, lse_t_hi, lse_t_lo, beta, DIVERGENCE: tl.constexpr,
+                      ACC: tl.constexpr):
+    """(q, r_v, q a) per entry of s', t' for a divergence other than "forward", the rows' lses as
+    (hi, lo): r = sum_v r_v (before T^2), d r / d s' = q (a - S), S = sum_v q_v a_v::
+
+        reverse: r_v = q a,  a = log q - log p
+        jsd:     r_v = beta p log(p / m) + (1 - beta) q log(q / m),  a = (1 - beta) log(q / m),
+                 log m = max(log q, log p) + log(1 + w (exp(-|d|) - 1)), d = log q - log p,
+                 w = beta where d >= 0, 1 - beta where d < 0 (the weight of the smaller): exactly
+                 0 where p = q
+        tvd:     r_v = 0.5 |p - q|,  a = 0.5 sign(q - p)
+
+    Terms of a zero probability are 0 (0 log 0 = 0, q a = 0 where q = 0; q > 0 = p gives reverse +inf).
+    """
+    b_q = tl.exp((b_s - lse_s_hi[:, None]) - lse_s_lo[:, None])
+    b_p = tl.exp((b_t - lse_t_hi[:, None]) - lse_t_lo[:, None])
+    # log q - log p with the lses' difference taken first: no rounding at the lses' magnitude
+    b_lqp = (b_s - b_t) - ((lse_s_hi - lse_t_hi) + (lse_s_lo - lse_t_lo))[:, None]
+    if DIVERGENCE == "reverse":
+        b_qa = tl.where(b_q > 0, b_q * b_lqp, 0.0)
+        b_r = b_qa
+    elif DIVERGENCE == "jsd":
+        w_p = _scalar(beta, ACC)  # the weights of p and q in m
+        w_q = _scalar(1.0 - beta, ACC)
+        b_w = tl.where(b_lqp < 0, w_q, w_p)
+        b_lm_rel = tl.log(1.0 + b_w * (tl.exp(-tl.abs(b_lqp)) - 1.0))  # log(m / max(q, p)), in [log w, 0]
+        b_kl_q = tl.where(b_q > 0, -b_q * (b_lm_rel + tl.maximum(-b_lqp, 0.0)), 0.0)  # q log(q / m)
+        b_kl_p = tl.where(b_p > 0, -b_p * (b_lm_rel + tl.maximum(b_lqp, 0.0)), 0.0)  # p log(p / m)
+        b_r = w_p * b_kl_p + w_q * b_kl_q
+        b_qa = w_q * b_kl_q
+    else:
+        b_r = 0.5 * tl.abs(b_q - b_p)
+        b_qa = tl.where(b_lqp > 0, 0.5 * b_q, tl.where(b_lqp < 0, -0.5 * b_q, 0.0))  # sign(q - p) of log q - log p
+    return b_q, b_r, b_qa
+
+
+@triton.jit
+def _divergence_rows(
+    p_s, p_t, o_s, o_t, m_kd, lse_s, lse_t, V, inv_t, beta, DIVERGENCE: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """(sum_v r_v, S = sum_v q_v a_v) of ``_divergence_terms`` on rows ``m_kd``, 0 elsewhere: one pass
+    over the rows' V columns of s and t once their float64 lses are known."""
+    lse_s_hi, lse_s_lo = _split_lse(lse_s, ACC)
+    lse_t_hi, lse_t_lo = _split_lse(lse_t, ACC)
+    r = tl.zeros([BLOCK_R], ACC)
+    S = tl.zeros([BLOCK_R], ACC)
+    for start in range(0, _column_bound(m_kd, V), BLOCK_C):
+        o_v = start + tl.arange(0, BLOCK_C)
+        m_load = m_kd[:, None] & (o_v < V)[None, :]
+        b_s = tl.load(p_s + o_s[:, None] + o_v[None, :], mask=m_load, other=float("-inf")).to(ACC) * inv_t
+        b_t = tl.load(p_t + o_t[:, None] + o_v[None, :], mask=m_load, other=float("-inf")).to(ACC) * inv_t
+        _, b_r, b_qa = _divergence_terms(b_s, b_t, lse_s_hi, lse_s_lo, lse_t_hi, lse_t_lo, beta, DIVERGENCE, ACC)
+        r += tl.sum(tl.where(m_load, b_r, 0.0), 1)
+        S += tl.sum(tl.where(m_load, b_qa, 0.0), 1)
+    return r, S
 
 
 @triton.jit
 def _logit_grad(
-    p_s, p_t, p_grad_rows, p_grad, o_r, o_s, o_t, m_rows, m_valid, lse_s, lse_t, V, temperature,
-    ACC: tl.constexpr, BLOCK_C: tl.constexpr,
+    p_s, p_t, p_labels, p_grad_rows, p_grad_ce_rows, p_grad, o_r, o_s, o_t, m_rows, m_valid, lse_s, lse_t, S,
+    lse_ce, V, temperature, beta, DIVERGENCE: tl.constexpr, CE_GRAD: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_C: tl.constexpr,
 ):
-    """grad = grad_rows * T * (q - p) on rows ``o_r`` (s and t at offsets ``o_s``/``o_t``), q = exp(s' - lse_s),
-    p = exp(t' - lse_t) from the rows' float64 lses; 0 on rows that contribute nothing (not ``m_valid``,
-    or lse_t = -inf). One pass over the rows' V columns of s and t."""
+    """grad = grad_rows * c q (a - S) (forward: grad_rows * T (q - p)) on rows ``o_r`` (s and t at offsets
+    ``o_s``/``o_t``), q = exp(s' - lse_s), p = exp(t' - lse_t) from the rows' float64 lses, 0 on rows whose
+    KD part contributes nothing (not ``m_valid``, or lse_t = -inf); CE_GRAD adds
+    grad_ce_rows * (exp(s - lse_ce) - onehot(label)) on rows with a CE. One pass over the rows' V columns."""
     inv_t = _scalar(1.0 / temperature, ACC)
     lse_s_hi, lse_s_lo = _split_lse(lse_s, ACC)
     lse_t_hi, lse_t_lo = _split_lse(lse_t, ACC)
-    m_valid = m_valid & (lse_t_hi > float("-inf"))
-    b_scale = tl.load(p_grad_rows + o_r, mask=m_valid, other=0.0).to(ACC) * _scalar(temperature, ACC)  # [BLOCK_R]
+    m_kd = m_valid & (lse_t_hi > float("-inf"))
+    if DIVERGENCE == "tvd":
+        c = inv_t
+    else:
+        c = _scalar(temperature, ACC)
+    b_scale = tl.load(p_grad_rows + o_r, mask=m_kd, other=0.0).to(ACC) * c  # [BLOCK_R]
+    m_read = m_kd  # the rows whose s is read
+    if CE_GRAD:
+        label, m_ce = _row_labels(p_labels, o_r, m_rows, m_valid, V)
+        b_scale_ce = tl.load(p_grad_ce_rows + o_r, mask=m_ce, other=0.0).to(ACC)  # [BLOCK_R]
+        lse_ce_hi, lse_ce_lo = _split_lse(lse_ce, ACC)
+        m_read = m_read | m_ce
     for start in range(0, V, BLOCK_C):
         o_v = start + tl.arange(0, BLOCK_C)
         m_cols = (o_v < V)[None, :]
-        m_load = m_valid[:, None] & m_cols
-        b_s = tl.load(p_s + o_s[:, None] + o_v[None, :], mask=m_load, other=0.0).to(ACC) * inv_t
+        m_load = m_kd[:, None] & m_cols
+        b_x = tl.load(p_s + o_s[:, None] + o_v[None, :], mask=m_read[:, None] & m_cols, other=0.0).to(ACC)
+        b_s = b_x * inv_t
         b_t = tl.load(p_t + o_t[:, None] + o_v[None, :], mask=m_load, other=float("-inf")).to(ACC) * inv_t
-        b_g = _softmax_kl_grad(b_s, b_t, lse_s_hi, lse_s_lo, lse_t_hi, lse_t_lo, b_scale, m_load)
+        if DIVERGENCE == "forward":
+            b_g = _softmax_kl_grad(b_s, b_t, lse_s_hi, lse_s_lo, lse_t_hi, lse_t_lo, b_scale, m_load)
+        else:
+            b_q, _, b_qa = _divergence_terms(b_s, b_t, lse_s_hi, lse_s_lo, lse_t_hi, lse_t_lo, beta, DIVERGENCE, ACC)
+            b_g = tl.where(m_load, b_scale[:, None] * (b_qa - b_q * S[:, None]), 0.0)
+        if CE_GRAD:
+            b_onehot = tl.where(o_v[None, :] == label[:, None], 1.0, 0.0)
+            b_dce = tl.exp((b_x - lse_ce_hi[:, None]) - lse_ce_lo[:, None]) - b_onehot  # softmax(s) - onehot
+            b_g += tl.where(m_ce[:, None] & m_cols, b_scale_ce[:, None] * b_dce, 0.0)
         tl.store(p_grad + o_r[:, None] * V + o_v[None, :], b_g.to(p_grad.dtype.element_ty), mask=m_rows[:, None] & m_cols)
 
 
 @triton.jit
 def _logit_forward_kernel(
-    p_s, p_t, p_mask, p_rows, p_stats, p_grad_rows, p_grad, n_rows, R1, V, stride0_s, stride1_s, stride0_t,
-    stride1_t, temperature: tl.float64, GRAD: tl.constexpr, HAS_MASK: tl.constexpr, ACC: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    p_s, p_t, p_mask, p_labels, p_rows, p_ce_rows, p_stats, p_grad_rows, p_grad_ce_rows, p_grad, n_rows, R1, V,
+    stride0_s, stride1_s, stride0_t, stride1_t, temperature: tl.float64, beta: tl.float64,
+    DIVERGENCE: tl.constexpr, HAS_LABELS: tl.constexpr, GRAD: tl.constexpr, CE_GRAD: tl.constexpr,
+    HAS_MASK: tl.constexpr, ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """rows = T^2 (sum p (t' - s') + lse(s') - lse(t')), s' = s / T, t' = t / T, and stats = the lses;
-    with GRAD, grad = grad_rows * T * (q - p) instead of the stats, from the lses in registers: a second
-    pass over the tile's columns (``_logit_grad``), which a GPU serves from L2 where the tile is still there."""
+    """rows = r (the section's notes), with HAS_LABELS ce_rows = lse(s) - s[label] (0 on rows without
+    CE), and stats = (lse(s'), lse(t'), lse(s), S); with GRAD, the gradient of ``_logit_grad`` instead
+    of the stats. The first pass over the tile's columns folds s' and t' (and s) into online lses, and
+    for "forward" into ``cross``, which gives its r; the other divergences form q and p in a second
+    pass (``_divergence_rows``); GRAD writes the gradient in a last one. A GPU serves the later passes
+    from L2 where the tile is still there."""
     inv_t = _scalar(1.0 / temperature, ACC)
     o_r, m_rows, m_valid = _row_tile(n_rows, p_mask, HAS_MASK, BLOCK_R)
     o_s = (o_r // R1) * stride0_s + (o_r % R1) * stride1_s  # [BLOCK_R]
@@ -197,85 +309,126 @@ def _logit_forward_kernel(
     sum_s = tl.zeros([BLOCK_R], ACC)
     sum_t = tl.zeros([BLOCK_R], ACC)
     cross = tl.zeros([BLOCK_R], ACC)  # sum_v exp(t'_v - max_t) (t'_v - s'_v) = sum_t * sum p (t' - s')
+    max_ce = tl.full([BLOCK_R], float("-inf"), ACC)
+    sum_ce = tl.zeros([BLOCK_R], ACC)
     for start in range(0, _column_bound(m_valid, V), BLOCK_C):
         o_v = start + tl.arange(0, BLOCK_C)
         m_load = m_valid[:, None] & (o_v < V)[None, :]
-        b_s = tl.load(p_s + o_s[:, None] + o_v[None, :], mask=m_load, other=float("-inf")).to(ACC) * inv_t
+        b_x = tl.load(p_s + o_s[:, None] + o_v[None, :], mask=m_load, other=float("-inf")).to(ACC)
+        b_s = b_x * inv_t
         b_t = tl.load(p_t + o_t[:, None] + o_v[None, :], mask=m_load, other=float("-inf")).to(ACC) * inv_t
         max_s, sum_s, _, _ = _online_lse(max_s, sum_s, b_s)
         max_t, sum_t, b_e, alpha = _online_lse(max_t, sum_t, b_t)
-        cross = cross * alpha + tl.sum(tl.where(b_e > 0, b_e * (b_t - b_s), 0.0), 1)
-    kl, lse_s, lse_t = _kl_from_online(max_s, sum_s, max_t, sum_t, cross)
-    t_sq = _scalar(temperature * temperature, ACC)
-    tl.store(p_rows + o_r, t_sq * kl, mask=m_rows)
+        if DIVERGENCE == "forward":
+            cross = cross * alpha + tl.sum(tl.where(b_e > 0, b_e * (b_t - b_s), 0.0), 1)
+        if HAS_LABELS:
+            max_ce, sum_ce, _, _ = _online_lse(max_ce, sum_ce, b_x)
+    kl, lse_s, lse_t = _kl_from_online(max_s, sum_s, max_t, sum_t, cross)  # kl: "forward"'s r / T^2
+    S = tl.zeros([BLOCK_R], ACC)
+    if DIVERGENCE == "forward":
+        r = kl
+    else:
+        r, S = _divergence_rows(p_s, p_t, o_s, o_t, m_valid & (lse_t > float("-inf")), lse_s, lse_t, V, inv_t,
+                                beta, DIVERGENCE, ACC, BLOCK_R, BLOCK_C)
+    if DIVERGENCE != "tvd":
+        r = r * _scalar(temperature * temperature, ACC)
+    tl.store(p_rows + o_r, r, mask=m_rows)
+    lse_ce = tl.full([BLOCK_R], float("-inf"), tl.float64)
+    if HAS_LABELS:
+        label, m_ce = _row_labels(p_labels, o_r, m_rows, m_valid, V)
+        s_label = tl.load(p_s + o_s + tl.where(m_ce, label, 0), mask=m_ce, other=0.0).to(ACC)
+        lse_ce = tl.where(m_ce, _lse_from_online(max_ce, sum_ce), float("-inf"))
+        ce = (lse_ce - s_label.to(tl.float64)).to(ACC)
+        tl.store(p_ce_rows + o_r, tl.where(m_ce, ce, 0.0), mask=m_rows)
     if GRAD:
-        _logit_grad(p_s, p_t, p_grad_rows, p_grad, o_r, o_s, o_t, m_rows, m_valid, lse_s, lse_t, V, temperature,
-                    ACC, BLOCK_C)
+        _logit_grad(p_s, p_t, p_labels, p_grad_rows, p_grad_ce_rows, p_grad, o_r, o_s, o_t, m_rows, m_valid, lse_s,
+                    lse_t, S, lse_ce, V, temperature, beta, DIVERGENCE, CE_GRAD, ACC, BLOCK_C)
     else:
         tl.store(p_stats + o_r, lse_s, mask=m_rows)
         tl.store(p_stats + n_rows + o_r, lse_t, mask=m_rows)
+        tl.store(p_stats + 2 * n_rows + o_r, lse_ce, mask=m_rows)
+        tl.store(p_stats + 3 * n_rows + o_r, S.to(tl.float64), mask=m_rows)
 
 
 @triton.jit
 def _logit_backward_kernel(
-    p_s, p_t, p_mask, p_stats, p_grad_rows, p_grad, n_rows, R1, V, stride0_s, stride1_s, stride0_t,
-    stride1_t, temperature: tl.float64, HAS_MASK: tl.constexpr, ACC: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    p_s, p_t, p_mask, p_labels, p_stats, p_grad_rows, p_grad_ce_rows, p_grad, n_rows, R1, V, stride0_s, stride1_s,
+    stride0_t, stride1_t, temperature: tl.float64, beta: tl.float64, DIVERGENCE: tl.constexpr,
+    CE_GRAD: tl.constexpr, HAS_MASK: tl.constexpr, ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """grad = grad_rows * T * (q - p), q = exp(s' - lse_s), p = exp(t' - lse_t) with the forward's lses
-    (``_logit_grad``); 0 on rows that contribute nothing (masked, or lse_t = -inf)."""
+    """The gradient of ``_logit_grad`` from the forward's stats (lse(s'), lse(t'), and S where the
+    divergence has one, lse(s) with CE_GRAD); 0 on rows that contribute nothing."""
     o_r, m_rows, m_valid = _row_tile(n_rows, p_mask, HAS_MASK, BLOCK_R)
     o_s = (o_r // R1) * stride0_s + (o_r % R1) * stride1_s  # [BLOCK_R]
     o_t = (o_r // R1) * stride0_t + (o_r % R1) * stride1_t  # [BLOCK_R]
     lse_s = tl.load(p_stats + o_r, mask=m_rows, other=0.0)
     lse_t = tl.load(p_stats + n_rows + o_r, mask=m_rows, other=0.0)
-    _logit_grad(p_s, p_t, p_grad_rows, p_grad, o_r, o_s, o_t, m_rows, m_valid, lse_s, lse_t, V, temperature, ACC,
-                BLOCK_C)
+    lse_ce = tl.full([BLOCK_R], float("-inf"), tl.float64)
+    if CE_GRAD:
+        lse_ce = tl.load(p_stats + 2 * n_rows + o_r, mask=m_rows, other=0.0)
+    S = tl.zeros([BLOCK_R], ACC)
+    if DIVERGENCE != "forward":
+        S = tl.load(p_stats + 3 * n_rows + o_r, mask=m_rows, other=0.0).to(ACC)
+    _logit_grad(p_s, p_t, p_labels, p_grad_rows, p_grad_ce_rows, p_grad, o_r, o_s, o_t, m_rows, m_valid, lse_s,
+                lse_t, S, lse_ce, V, temperature, beta, DIVERGENCE, CE_GRAD, ACC, BLOCK_C)
 
 
-def _logit_forward(student, teacher, mask, temperature, stats, grad_rows, grad):
-    """The rows of ``_logit_forward_kernel``, which also fills ``stats``, or with ``grad``, the gradient."""
+def _logit_forward(student, teacher, mask, temperature, divergence, beta, labels, stats, grad_rows, grad_ce_rows,
+                   grad):
+    """(rows, ce_rows) of ``_logit_forward_kernel``, which also fills ``stats``, or with ``grad``, the
+    gradient; ce_rows is empty without labels."""
     r0, r1, vocab = student.shape
     n_rows = r0 * r1
-    rows = torch.empty(n_rows, dtype=acc_dtype(student, teacher), device=student.device)
+    acc = acc_dtype(student, teacher)
+    rows = torch.empty(n_rows, dtype=acc, device=student.device)
+    ce_rows = torch.empty(n_rows if labels is not None else 0, dtype=acc, device=student.device)
     if n_rows:
         tile = _tile("logit", n_rows, vocab)
         _logit_forward_kernel[(triton.cdiv(n_rows, tile["BLOCK_R"]),)](
-            student, teacher, mask, rows, stats, grad_rows, grad, n_rows, r1, vocab, *student.stride()[:2],
-            *teacher.stride()[:2], temperature, GRAD=grad is not None, HAS_MASK=mask is not None,
-            ACC=_tl(rows.dtype), **tile,
+            student, teacher, mask, labels, rows, ce_rows, stats, grad_rows, grad_ce_rows, grad, n_rows, r1, vocab,
+            *student.stride()[:2], *teacher.stride()[:2], temperature, beta, DIVERGENCE=divergence,
+            HAS_LABELS=labels is not None, GRAD=grad is not None, CE_GRAD=grad_ce_rows is not None,
+            HAS_MASK=mask is not None, ACC=_tl(acc), **tile,
         )
-    return rows
+    return rows, ce_rows
 
 
 @_on_inputs_device
-def logit_forward(student, teacher, mask, temperature):
-    """rows = T^2 sum_v p_v (log p_v - log q_v) per row, stats = (lse(s / T), lse(t / T))."""
-    stats = torch.empty(2, student.shape[0] * student.shape[1], dtype=torch.float64, device=student.device)
-    return _logit_forward(student, teacher, mask, temperature, stats, None, None), stats
+def logit_forward(student, teacher, mask, temperature, divergence, beta, labels):
+    """(rows, ce_rows, stats): the divergence's r and the CE per row, stats = (lse(s / T), lse(t / T),
+    lse(s), S)."""
+    stats = torch.empty(4, student.shape[0] * student.shape[1], dtype=torch.float64, device=student.device)
+    rows, ce_rows = _logit_forward(student, teacher, mask, temperature, divergence, beta, labels, stats, None, None,
+                                   None)
+    return rows, ce_rows, stats
 
 
 @_on_inputs_device
-def logit_backward(student, teacher, mask, temperature, stats, grad_rows):
-    """grad = grad_rows * T * (q - p), 0 on rows that contribute nothing."""
+def logit_backward(student, teacher, mask, temperature, divergence, beta, labels, stats, grad_rows, grad_ce_rows):
+    """grad = grad_rows * d r / d s (+ grad_ce_rows * (softmax(s) - onehot(label)) on rows with a CE),
+    0 on masked rows."""
     r0, r1, vocab = student.shape
     n_rows = r0 * r1
     grad = torch.empty(student.shape, dtype=student.dtype, device=student.device)
     if n_rows:
         tile = _tile("logit", n_rows, vocab)
         _logit_backward_kernel[(triton.cdiv(n_rows, tile["BLOCK_R"]),)](
-            student, teacher, mask, stats, grad_rows, grad, n_rows, r1, vocab, *student.stride()[:2],
-            *teacher.stride()[:2], temperature, HAS_MASK=mask is not None,
-            ACC=_tl(acc_dtype(student, teacher)), **tile,
+            student, teacher, mask, labels, stats, grad_rows, grad_ce_rows, grad, n_rows, r1, vocab,
+            *student.stride()[:2], *teacher.stride()[:2], temperature, beta, DIVERGENCE=divergence,
+            CE_GRAD=grad_ce_rows is not None, HAS_MASK=mask is not None, ACC=_tl(acc_dtype(student, teacher)),
+            **tile,
         )
     return grad
 
 
 @_on_inputs_device
-def logit_forward_with_grad(student, teacher, mask, temperature, grad_rows):
-    """(rows of ``logit_forward``, grad of ``logit_backward`` for ``grad_rows``) from one launch."""
+def logit_forward_with_grad(student, teacher, mask, temperature, divergence, beta, labels, grad_rows, grad_ce_rows):
+    """(rows, ce_rows of ``logit_forward``, grad of ``logit_backward`` for ``grad_rows``, ``grad_ce_rows``)
+    from one launch."""
     grad = torch.empty(student.shape, dtype=student.dtype, device=student.device)
-    return _logit_forward(student, teacher, mask, temperature, None, grad_rows, grad), grad
+    rows, ce_rows = _logit_forward(student, teacher, mask, temperature, divergence, beta, labels, None, grad_rows,
+                                   grad_ce_rows, grad)
+    return rows, ce_rows, grad
 
 
 # ----------------------------------------------------------------------------------- pair tables
