@@ -18,7 +18,7 @@ Notation (the same in the C++ kernels and the torch backend): the student comes 
 ending in ``_s`` is the student's, in ``_t`` the teacher's. Prefixes: ``o_`` offsets, ``m_``
 boolean masks, ``p_`` pointers, ``b_`` values of a ``[BLOCK_R, BLOCK_C]`` block. An online softmax
 keeps per row ``max_`` (running maximum), ``sum_`` (of ``exp(x - max_)``) and ``cross`` (of
-``exp(t - max_t) (t - s)``). Sizes: ``R1`` rows of the second leading dimension, ``V`` vocabulary,
+``exp(t - max_t) ((t - max_t) - (s - max_s))``, ``_online_kl``). Sizes: ``R1`` rows of the second leading dimension, ``V`` vocabulary,
 ``D`` width, ``Lq``/``Lk`` queries/keys.
 """
 
@@ -106,15 +106,47 @@ def _lse_from_online(max_x, sum_x):
 
 
 @triton.jit
-def _kl_from_online(max_s, sum_s, max_t, sum_t, cross):
-    """Per row ``kl = sum p (t - s) + lse_s - lse_t`` from the running sums, and the float64 lses.
+def _shift(max_x):
+    """What exps are taken relative to: the running maximum, 0 while it is -inf (no entry yet)."""
+    return tl.where(max_x == float("-inf"), 0.0, max_x)
 
-    ``lse_s - lse_t`` is taken as ``(max_s - max_t) + log(sum_s / sum_t)``: one rounding where two
-    large logs would each round. A row whose teacher has no entry (``sum_t = 0``) gives kl 0 and
-    lses -inf (the log-sum-exp of nothing), which backward reads as "no gradient".
+
+@triton.jit
+def _online_kl(max_s, sum_s, max_t, sum_t, cross, b_s, b_t, m_keep):
+    """Fold block ``b_s``, ``b_t`` ``[R, C]`` (entries outside ``m_keep`` excluded from both softmaxes)
+    into the running ``max_``, ``sum_ = sum exp(x - shift_)`` and
+    ``cross = sum exp(t - shift_t) ((t - shift_t) - (s - shift_s))``: each logit relative to its own
+    row's maximum, so that ``cross`` is as small as p and q are close (``_kl_from_online``). When a
+    block moves the maxima, the old terms are moved with them: ``cross -= sum_t (d shift_t - d shift_s)``."""
+    shift_s, shift_t = _shift(max_s), _shift(max_t)
+    sum_t_old = sum_t
+    max_s, sum_s, _, _ = _online_lse(max_s, sum_s, tl.where(m_keep, b_s, float("-inf")))
+    max_t, sum_t, b_e, alpha = _online_lse(max_t, sum_t, tl.where(m_keep, b_t, float("-inf")))
+    moved = (_shift(max_t) - shift_t) - (_shift(max_s) - shift_s)
+    cross = alpha * (cross - tl.where(sum_t_old > 0, sum_t_old * moved, 0.0))
+    b_d = (b_t - _shift(max_t)[:, None]) - (b_s - _shift(max_s)[:, None])
+    return max_s, sum_s, max_t, sum_t, cross + tl.sum(tl.where(m_keep & (b_e > 0), b_e * b_d, 0.0), 1)
+
+
+@triton.jit
+def _log1p(x):
+    """log(1 + x), accurate where x is small: ``log(w) x / (w - 1)`` with ``w = 1 + x`` rounded."""
+    w = 1.0 + x
+    return tl.where(w == 1.0, x, tl.log(w) * _div(x, w - 1.0))
+
+
+@triton.jit
+def _kl_from_online(max_s, sum_s, max_t, sum_t, cross):
+    """Per row ``kl = sum p ((t - shift_t) - (s - shift_s)) + log(sum_s / sum_t)`` from the running
+    sums of ``_online_kl``, and the float64 lses.
+
+    Both terms shrink with the divergence (``log(sum_s / sum_t)`` as ``log1p((sum_s - sum_t) / sum_t)``),
+    so float32 rounds kl about as the float32 formula ``sum p (log p - log q)`` does. A row whose
+    teacher has no entry (``sum_t = 0``) gives kl 0 and lses -inf (the log-sum-exp of nothing), which
+    backward reads as "no gradient".
     """
     has_entries = sum_t > 0
-    kl = _div(cross, sum_t) + (max_s - max_t) + tl.log(_div(sum_s, sum_t))
+    kl = _div(cross, sum_t) + _log1p(_div(sum_s - sum_t, sum_t))
     lse_s = _lse_from_online(max_s, sum_s)
     lse_t = _lse_from_online(max_t, sum_t)
     none = float("-inf")
@@ -308,7 +340,7 @@ def _logit_forward_kernel(
     max_t = tl.full([BLOCK_R], float("-inf"), ACC)
     sum_s = tl.zeros([BLOCK_R], ACC)
     sum_t = tl.zeros([BLOCK_R], ACC)
-    cross = tl.zeros([BLOCK_R], ACC)  # sum_v exp(t'_v - max_t) (t'_v - s'_v) = sum_t * sum p (t' - s')
+    cross = tl.zeros([BLOCK_R], ACC)  # sum_v exp(t'_v - max_t) ((t'_v - max_t) - (s'_v - max_s)), _online_kl
     max_ce = tl.full([BLOCK_R], float("-inf"), ACC)
     sum_ce = tl.zeros([BLOCK_R], ACC)
     for start in range(0, _column_bound(m_valid, V), BLOCK_C):
@@ -317,10 +349,11 @@ def _logit_forward_kernel(
         b_x = tl.load(p_s + o_s[:, None] + o_v[None, :], mask=m_load, other=float("-inf")).to(ACC)
         b_s = b_x * inv_t
         b_t = tl.load(p_t + o_t[:, None] + o_v[None, :], mask=m_load, other=float("-inf")).to(ACC) * inv_t
-        max_s, sum_s, _, _ = _online_lse(max_s, sum_s, b_s)
-        max_t, sum_t, b_e, alpha = _online_lse(max_t, sum_t, b_t)
         if DIVERGENCE == "forward":
-            cross = cross * alpha + tl.sum(tl.where(b_e > 0, b_e * (b_t - b_s), 0.0), 1)
+            max_s, sum_s, max_t, sum_t, cross = _online_kl(max_s, sum_s, max_t, sum_t, cross, b_s, b_t, m_load)
+        else:
+            max_s, sum_s, _, _ = _online_lse(max_s, sum_s, b_s)
+            max_t, sum_t, _, _ = _online_lse(max_t, sum_t, b_t)
         if HAS_LABELS:
             max_ce, sum_ce, _, _ = _online_lse(max_ce, sum_ce, b_x)
     kl, lse_s, lse_t = _kl_from_online(max_s, sum_s, max_t, sum_t, cross)  # kl: "forward"'s r / T^2
@@ -699,7 +732,7 @@ def _attention_forward_kernel(
         max_t = tl.full([BLOCK_R], float("-inf"), ACC)
         sum_s = tl.zeros([BLOCK_R], ACC)
         sum_t = tl.zeros([BLOCK_R], ACC)
-        cross = tl.zeros([BLOCK_R], ACC)  # sum_k exp(t_k - max_t) (t_k - s_k) over kept keys
+        cross = tl.zeros([BLOCK_R], ACC)  # of _online_kl, over kept keys
     else:
         acc = tl.zeros([BLOCK_R, BLOCK_C], ACC)
     if GRAD and not SCORES:
@@ -713,9 +746,7 @@ def _attention_forward_kernel(
         b_s, b_t = _attention_block(p_s, p_t, o_r, o_k, m_load, Lk, ACC)  # [BLOCK_R, BLOCK_C]
         if SCORES:
             m_keep = _kept_keys(b_s, b_t, o_k, m_load, p_mask, o_mask, HAS_MASK, S_LOWEST, T_LOWEST)
-            max_s, sum_s, _, _ = _online_lse(max_s, sum_s, tl.where(m_keep, b_s, float("-inf")))
-            max_t, sum_t, b_e, alpha = _online_lse(max_t, sum_t, tl.where(m_keep, b_t, float("-inf")))
-            cross = cross * alpha + tl.sum(tl.where(m_keep, b_e * (b_t - b_s), 0.0), 1)
+            max_s, sum_s, max_t, sum_t, cross = _online_kl(max_s, sum_s, max_t, sum_t, cross, b_s, b_t, m_keep)
         else:
             m_p = b_t > 0
             b_log_ratio = tl.log(tl.where(m_p, b_t, 1.0)) - tl.log(tl.maximum(b_s, TINY))
@@ -898,8 +929,8 @@ def _attention_qk_forward_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DS: tl.constexpr, BLOCK_DT: tl.constexpr,
 ):
     """Per query row over its kept keys K: S_s = scale_s query_s key_s^T, S_t = scale_t query_t key_t^T,
-    rows = sum_K p (log p - log q) = cross / sum_t - lse_t + lse_s (q = softmax(S_s), p = softmax(S_t),
-    one online pass over key tiles); stats = (lse_s, lse_t), -inf for rows without a kept key."""
+    rows = sum_K p (log p - log q) (q = softmax(S_s), p = softmax(S_t), from one online pass over key
+    tiles: ``_online_kl``, ``_kl_from_online``); stats = (lse_s, lse_t), -inf for rows without a kept key."""
     pid = tl.program_id(0).to(tl.int64)
     tile = pid % n_tiles
     bh = pid // n_tiles
@@ -919,7 +950,7 @@ def _attention_qk_forward_kernel(
     max_t = tl.full([BLOCK_M], float("-inf"), ACC)
     sum_s = tl.zeros([BLOCK_M], ACC)
     sum_t = tl.zeros([BLOCK_M], ACC)
-    cross = tl.zeros([BLOCK_M], ACC)  # sum_K exp(S_t - max_t) (S_t - S_s)
+    cross = tl.zeros([BLOCK_M], ACC)  # of _online_kl
     end = L
     if CAUSAL:
         end = tl.minimum(L, (tile + 1) * BLOCK_M)  # no key beyond the tile's last row
@@ -928,9 +959,7 @@ def _attention_qk_forward_kernel(
         m_keep = _qk_kept(o_m, o_n, m_valid, _qk_keys(o_n, L, p_mask, o_mask, HAS_MASK), CAUSAL)
         b_s = _qk_scores(b_query_s, _qk_load(p_key_s, o_n, o_n < L, D_s, BLOCK_DS, S_DOT), scale_s, ACC)
         b_t = _qk_scores(b_query_t, _qk_load(p_key_t, o_n, o_n < L, D_t, BLOCK_DT, T_DOT), scale_t, ACC)
-        max_s, sum_s, _, _ = _online_lse(max_s, sum_s, tl.where(m_keep, b_s, float("-inf")))
-        max_t, sum_t, b_e, alpha = _online_lse(max_t, sum_t, tl.where(m_keep, b_t, float("-inf")))
-        cross = cross * alpha + tl.sum(tl.where(m_keep, b_e * (b_t - b_s), 0.0), 1)
+        max_s, sum_s, max_t, sum_t, cross = _online_kl(max_s, sum_s, max_t, sum_t, cross, b_s, b_t, m_keep)
     kl, lse_s, lse_t = _kl_from_online(max_s, sum_s, max_t, sum_t, cross)
     o_r = first_row + bh * L + o_m
     tl.store(p_rows + o_r, kl, mask=m_rows)
