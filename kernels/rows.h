@@ -168,6 +168,37 @@ inline Vectorized<double> vexp(const Vectorized<double>& x) {
   return x.map([](double v) { return std::exp(v); });
 }
 
+// log(x) for float32 lanes of positive normal x, inlined (Cephes' logf: x = 2^e m with m in
+// [sqrt(1/2), sqrt(2)), log x = e ln 2 + log m by a polynomial in m - 1; error about 1 ulp). Zero,
+// subnormal, negative and non-finite x are not handled: callers clamp x to the normal range.
+inline Vectorized<float> vlog(const Vectorized<float>& x) {
+  using Vec = Vectorized<float>;
+  using Int = Vectorized<int32_t>;
+  // e and m from the bit pattern taken relative to that of sqrt(1/2) (0x3f3504f3): e is its
+  // exponent field, m keeps the mantissa bits with the exponent of sqrt(1/2) added back.
+  const Int offset = at::vec::cast<int32_t>(x) - Int(0x3f3504f3);
+  const Vec e = at::vec::convert_to_fp_of_same_size<float>(offset >> Int(23));
+  const Vec m =
+      at::vec::cast<float>((offset & Int(0x007fffff)) + Int(0x3f3504f3)) - Vec(1.0f);
+  const Vec z = m * m;
+  Vec p(7.0376836292e-2f);
+  p = at::vec::fmadd(p, m, Vec(-1.1514610310e-1f));
+  p = at::vec::fmadd(p, m, Vec(1.1676998740e-1f));
+  p = at::vec::fmadd(p, m, Vec(-1.2420140846e-1f));
+  p = at::vec::fmadd(p, m, Vec(1.4249322787e-1f));
+  p = at::vec::fmadd(p, m, Vec(-1.6668057665e-1f));
+  p = at::vec::fmadd(p, m, Vec(2.0000714765e-1f));
+  p = at::vec::fmadd(p, m, Vec(-2.4999993993e-1f));
+  p = at::vec::fmadd(p, m, Vec(3.3333331174e-1f));
+  Vec y = at::vec::fmadd(e, Vec(-2.12194440e-4f), p * m * z);  // ln 2 in two parts, as vexp
+  y = at::vec::fmadd(z, Vec(-0.5f), y);
+  return at::vec::fmadd(e, Vec(0.693359375f), m + y);
+}
+
+inline Vectorized<double> vlog(const Vectorized<double>& x) {
+  return x.map([](double v) { return std::log(v); });
+}
+
 // Row addressing of a [R0, R1, C] view: row r (row-major over the two leading dims) starts at
 // base + (r / R1) * stride(0) + (r % R1) * stride(1).
 struct RowView {
@@ -263,38 +294,97 @@ inline void check_pairs(const at::TensorList& students, const at::TensorList& te
   }
 }
 
-// Online softmax KL over one row of student scores s and teacher scores t (already scaled):
+// f(k, len) for the vectors of n acc_t entries: len entries at k, Vectorized<acc_t>::size() but for
+// a shorter last one (whose loads Vectorized::loadu(p, len) fill the other lanes with 0).
+template <typename acc_t, typename F>
+inline void for_each_vector(int64_t n, F&& f) {
+  constexpr int64_t kSize = Vectorized<acc_t>::size();
+  int64_t k = 0;
+  for (; k + kSize <= n; k += kSize) {
+    f(k, kSize);
+  }
+  if (k < n) {
+    f(k, n - k);
+  }
+}
+
+// out[k] = a x[k] + b y[k] for the n entries (out may be x or y).
+template <typename acc_t>
+inline void linear_combination(const acc_t* x, acc_t a, const acc_t* y, acc_t b, int64_t n,
+                               acc_t* out) {
+  using Vec = Vectorized<acc_t>;
+  const Vec va(a), vb(b);
+  for_each_vector<acc_t>(n, [&](int64_t k, int64_t len) {
+    at::vec::fmadd(Vec::loadu(x + k, len), va, Vec::loadu(y + k, len) * vb).store(out + k, len);
+  });
+}
+
+// out[k] = a x[k] + b y[k] + c z[k] for the n entries (out may be x, y or z).
+template <typename acc_t>
+inline void linear_combination(const acc_t* x, acc_t a, const acc_t* y, acc_t b, const acc_t* z,
+                               acc_t c, int64_t n, acc_t* out) {
+  using Vec = Vectorized<acc_t>;
+  const Vec va(a), vb(b), vc(c);
+  for_each_vector<acc_t>(n, [&](int64_t k, int64_t len) {
+    at::vec::fmadd(Vec::loadu(x + k, len), va,
+                   at::vec::fmadd(Vec::loadu(y + k, len), vb, Vec::loadu(z + k, len) * vc))
+        .store(out + k, len);
+  });
+}
+
+// What SoftmaxKL's cross sums, in the units of s_raw and t_raw.
+enum class CrossSum {
+  kTeacher,  // sum exp(t - max_t) (t_raw - s_raw), for KL(p || q): kl()
+  kStudent,  // sum exp(s - max_s) (s_raw - t_raw), for KL(q || p): mean_difference()
+  kNone,     // nothing (a divergence that needs p and q themselves takes a second sweep)
+};
+
+// Online softmax KL over one row of student scores s = scale * s_raw and teacher scores
+// t = scale * t_raw (scale > 0):
 //   q = softmax(s), p = softmax(t), kl = sum_k p_k (log p_k - log q_k).
 // It keeps the running maxima max_s, max_t and, relative to them,
-//   sum_s = sum exp(s - max_s),  sum_t = sum exp(t - max_t),  cross = sum exp(t - max_t) (t - s),
+//   sum_s = sum exp(s - max_s),  sum_t = sum exp(t - max_t),  cross (CrossSum; by default
+//   sum exp(t - max_t) (t_raw - s_raw)),
 // rescaling them by exp(max_old - max_new) when a block raises a maximum, so that each element is
-// read once. Then kl = cross / sum_t + lse_s - lse_t, with lse_s - lse_t taken as
-// (max_s - max_t) + log(sum_s / sum_t): one rounding where two large logs would each round.
-// Entries with t = -inf (or exp(t - max_t) = 0) contribute 0 to cross; a block can mark an entry
-// as excluded from both softmaxes by setting s and t to -inf there.
+// read once. Then kl = scale cross / sum_t + lse_s - lse_t, with lse_s - lse_t taken as
+// (max_s - max_t) + log(sum_s / sum_t): one rounding where two large logs would each round. With
+// CrossSum::kStudent, mean_difference() = cross / sum_s = sum_k q_k (s_raw[k] - t_raw[k]) and
+// KL(q || p) = scale mean_difference() - (lse_s - lse_t). An entry whose weight in cross is 0
+// contributes 0 to it; a block can mark an entry as excluded from both softmaxes by setting s and t
+// to -inf there. With raw_sums it also keeps max_raw = max s_raw and
+// sum_raw = sum exp(s_raw - max_raw): the student's softmax at scale 1.
 template <typename acc_t>
 struct SoftmaxKL {
   using Vec = Vectorized<acc_t>;
   static constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
 
+  CrossSum cross_sum = CrossSum::kTeacher;
+  bool raw_sums = false;
+  acc_t scale = 1;  // the scale of the entries added
   acc_t max_s = kNegInf, max_t = kNegInf, sum_s = 0, sum_t = 0, cross = 0;
+  acc_t max_raw = kNegInf, sum_raw = 0;
 
-  // Adds n entries: s_k = scale * s_raw[k], t_k = scale * t_raw[k] (scale > 0).
+  SoftmaxKL() = default;
+  SoftmaxKL(CrossSum cross_sum, bool raw_sums) : cross_sum(cross_sum), raw_sums(raw_sums) {}
+
+  // Adds n entries: s_k = scale * s_raw[k], t_k = scale * t_raw[k].
   void add(const acc_t* s_raw, const acc_t* t_raw, int64_t n, acc_t scale) {
-    add_block<false>(s_raw, t_raw, n, scale, nullptr, nullptr);
+    add_block<false>(s_raw, t_raw, n, scale, nullptr, nullptr, nullptr);
   }
 
   // The same, and stores the entries' exps relative to the running maxima after this block:
-  //   exps_s[k] = exp(s_k - shift_s()),  exps_t[k] = exp(t_k - shift_t())
+  //   exps_s[k] = exp(s_k - shift_s()),  exps_t[k] = exp(t_k - shift_t()),
+  //   exps_raw[k] = exp(s_raw[k] - shift_raw())  (with raw_sums, unless exps_raw is null)
   // (the exps the sums are made of; 0 where an entry is -inf).
   void add(const acc_t* s_raw, const acc_t* t_raw, int64_t n, acc_t scale, acc_t* exps_s,
-           acc_t* exps_t) {
-    add_block<true>(s_raw, t_raw, n, scale, exps_s, exps_t);
+           acc_t* exps_t, acc_t* exps_raw = nullptr) {
+    add_block<true>(s_raw, t_raw, n, scale, exps_s, exps_t, exps_raw);
   }
 
   // What exps are taken relative to: the running maximum, 0 while it is -inf (no entry yet).
   acc_t shift_s() const { return max_s == kNegInf ? acc_t(0) : max_s; }
   acc_t shift_t() const { return max_t == kNegInf ? acc_t(0) : max_t; }
+  acc_t shift_raw() const { return max_raw == kNegInf ? acc_t(0) : max_raw; }
 
   // Whether the teacher has an entry (a finite maximum); a row without one contributes nothing.
   bool teacher_has_entries() const { return max_t != kNegInf; }
@@ -302,12 +392,38 @@ struct SoftmaxKL {
   // exp(s - lse) of the backward pass with it.
   double lse_s() const { return static_cast<double>(max_s) + std::log(static_cast<double>(sum_s)); }
   double lse_t() const { return static_cast<double>(max_t) + std::log(static_cast<double>(sum_t)); }
-  acc_t kl() const { return cross / sum_t + (max_s - max_t) + std::log(sum_s / sum_t); }
+  double lse_raw() const {
+    return static_cast<double>(max_raw) + std::log(static_cast<double>(sum_raw));
+  }
+  acc_t kl() const { return scale * cross / sum_t + (max_s - max_t) + std::log(sum_s / sum_t); }
+  acc_t mean_difference() const { return cross / sum_s; }
 
  private:
+  // add_block<kStoreExps, kCross, kRawSums> for this row's cross_sum and raw_sums.
   template <bool kStoreExps>
   void add_block(const acc_t* s_raw, const acc_t* t_raw, int64_t n, acc_t scale, acc_t* exps_s,
-                 acc_t* exps_t) {
+                 acc_t* exps_t, acc_t* exps_raw) {
+    auto with_cross = [&](auto cross_tag) {
+      constexpr CrossSum kCross = decltype(cross_tag)::value;
+      if (raw_sums) {
+        add_block<kStoreExps, kCross, true>(s_raw, t_raw, n, scale, exps_s, exps_t, exps_raw);
+      } else {
+        add_block<kStoreExps, kCross, false>(s_raw, t_raw, n, scale, exps_s, exps_t, exps_raw);
+      }
+    };
+    switch (cross_sum) {
+      case CrossSum::kTeacher:
+        return with_cross(std::integral_constant<CrossSum, CrossSum::kTeacher>{});
+      case CrossSum::kStudent:
+        return with_cross(std::integral_constant<CrossSum, CrossSum::kStudent>{});
+      case CrossSum::kNone:
+        return with_cross(std::integral_constant<CrossSum, CrossSum::kNone>{});
+    }
+  }
+
+  template <bool kStoreExps, CrossSum kCross, bool kRawSums>
+  void add_block(const acc_t* s_raw, const acc_t* t_raw, int64_t n, acc_t scale, acc_t* exps_s,
+                 acc_t* exps_t, acc_t* exps_raw) {
     Vec block_max_s(kNegInf), block_max_t(kNegInf);
     int64_t k = 0;
     for (; k + Vec::size() <= n; k += Vec::size()) {
@@ -319,22 +435,38 @@ struct SoftmaxKL {
       block_max_t = at::vec::clamp_min(load_tail(t_raw + k, n - k, kNegInf), block_max_t);
     }
     // scale > 0, so the maximum of the scaled values is the scaled maximum, rounding included.
-    const acc_t old_max_s = max_s, old_max_t = max_t;
-    max_s = std::max(max_s, reduce_max(block_max_s) * scale);
+    this->scale = scale;
+    const acc_t old_max_s = max_s, old_max_t = max_t, old_max_raw = max_raw;
+    const acc_t block_max_raw = reduce_max(block_max_s);
+    max_s = std::max(max_s, block_max_raw * scale);
     max_t = std::max(max_t, reduce_max(block_max_t) * scale);
-    // exp(scale * x - shift) as one fused multiply-add; cross is summed unscaled, scaled below.
-    const Vec neg_shift_s(-shift_s()), neg_shift_t(-shift_t());
+    if constexpr (kRawSums) {
+      max_raw = std::max(max_raw, block_max_raw);
+    }
+    // exp(scale * x - shift) as one fused multiply-add.
+    const Vec neg_shift_s(-shift_s()), neg_shift_t(-shift_t()), neg_shift_raw(-shift_raw());
     const Vec vscale(scale), zero(0);
-    Vec block_sum_s(0), block_sum_t(0), block_cross(0);
+    Vec block_sum_s(0), block_sum_t(0), block_cross(0), block_sum_raw(0);
     auto accumulate = [&](const Vec& s, const Vec& t, int64_t pos, int64_t len) {
       const Vec e_s = vexp(at::vec::fmadd(s, vscale, neg_shift_s));
       const Vec e_t = vexp(at::vec::fmadd(t, vscale, neg_shift_t));
       block_sum_s = block_sum_s + e_s;
       block_sum_t = block_sum_t + e_t;
-      block_cross = at::vec::fmadd(e_t, Vec::blendv(t - s, zero, e_t == zero), block_cross);
+      if constexpr (kCross == CrossSum::kTeacher) {
+        block_cross = at::vec::fmadd(e_t, Vec::blendv(t - s, zero, e_t == zero), block_cross);
+      } else if constexpr (kCross == CrossSum::kStudent) {
+        block_cross = at::vec::fmadd(e_s, Vec::blendv(s - t, zero, e_s == zero), block_cross);
+      }
       if constexpr (kStoreExps) {
         e_s.store(exps_s + pos, len);
         e_t.store(exps_t + pos, len);
+      }
+      if constexpr (kRawSums) {
+        const Vec e_raw = vexp(s + neg_shift_raw);
+        block_sum_raw = block_sum_raw + e_raw;
+        if (kStoreExps && exps_raw != nullptr) {
+          e_raw.store(exps_raw + pos, len);
+        }
       }
     };
     for (k = 0; k + Vec::size() <= n; k += Vec::size()) {
@@ -346,86 +478,120 @@ struct SoftmaxKL {
       accumulate(load_tail(s_raw + k, n - k, kNegInf), load_tail(t_raw + k, n - k, kNegInf), k,
                  n - k);
     }
-    const acc_t rescale_s = old_max_s == kNegInf ? acc_t(0) : std::exp(old_max_s - max_s);
-    const acc_t rescale_t = old_max_t == kNegInf ? acc_t(0) : std::exp(old_max_t - max_t);
+    auto rescale = [](acc_t old_max, acc_t max) {
+      return old_max == kNegInf ? acc_t(0) : std::exp(old_max - max);
+    };
+    const acc_t rescale_s = rescale(old_max_s, max_s), rescale_t = rescale(old_max_t, max_t);
     sum_s = sum_s * rescale_s + reduce_sum(block_sum_s);
     sum_t = sum_t * rescale_t + reduce_sum(block_sum_t);
-    cross = cross * rescale_t + scale * reduce_sum(block_cross);
+    if constexpr (kCross != CrossSum::kNone) {
+      cross = cross * (kCross == CrossSum::kTeacher ? rescale_t : rescale_s) +
+              reduce_sum(block_cross);
+    }
+    if constexpr (kRawSums) {
+      sum_raw = sum_raw * rescale(old_max_raw, max_raw) + reduce_sum(block_sum_raw);
+    }
   }
 };
 
-// The one-pass gradient of SoftmaxKL (fastkd._one_pass) over a row of cols entries walked in
-// blocks of kBlock: add hands a block to SoftmaxKL::add, which stores the block's exps here (a
-// per-thread scratch of 2 x cols values, reused row after row, small enough to stay in cache; the
-// student's exps go straight into the gradient row when it has acc_t's type, so that its lines are
-// fetched while s and t stream in and write_grad rewrites them in cache), and records the block's
-// shifts; after the row, write_grad turns the stored exps into
-//   out_k = g (q_k - p_k),
-//   q_k = exps_s[k] exp(shift_s_b - max_s) / sum_s,
-//   p_k = exps_t[k] exp(shift_t_b - max_t) / sum_t,
-// b the block of k. An entry costs 2 exps (forward and backward: 4), and s, t are read from memory
-// once (forward and backward: twice).
+// The exps of a row kept for the sweeps after SoftmaxKL's: the one-pass gradient
+// (fastkd._one_pass), and the divergences that need p and q themselves. The row has cols entries,
+// walked in blocks of kBlock: add hands a block to SoftmaxKL::add, which stores the block's exps
+// here (a per-thread scratch of 2 x cols values, 3 x cols with raw exps, reused row after row,
+// small enough to stay in cache; the student's exps go straight into the gradient row when it has
+// acc_t's type, so that its lines are fetched while s and t stream in and the gradient sweep
+// rewrites them in cache), and records the block's shifts. After the row, for_each_block hands
+// each block's stored values and the factors that normalise them,
+//   q_k = exps_s[k] factor_s / sum_s,  factor_s = exp(shift_s_b - max_s)  (b the block of k),
+// likewise p_k from exps_t and softmax(s_raw)_k from exps_raw; write_grad turns them into
+//   out_k = g (q_k - p_k).
+// An entry costs 2 exps (forward and backward: 4), and s, t are read from memory once (forward and
+// backward: twice).
 template <typename acc_t>
 class SoftmaxKLScratch {
  public:
-  explicit SoftmaxKLScratch(int64_t cols)
-      : cols_(cols), exps_(2 * cols), shifts_(2 * ((cols + kBlock - 1) / kBlock)) {}
+  // A block of the row: n entries at column c, the values stored for them, the shifts of its exps
+  // and the factors above (float64; 1 where the block's shift is the row's maximum, 0 for a stream
+  // without entries).
+  struct Block {
+    int64_t c, n;
+    acc_t *exps_s, *exps_t, *exps_raw;
+    acc_t shift_s, shift_t;
+    double factor_s, factor_t, factor_raw;
+  };
 
-  // Starts a row whose gradient goes to grad_row: the student's exps are kept there when its
-  // type is acc_t, else in the scratch.
+  // raw_exps: room for the exps of SoftmaxKL's raw sums too.
+  explicit SoftmaxKLScratch(int64_t cols, bool raw_exps = false)
+      : cols_(cols),
+        raw_exps_(raw_exps),
+        exps_((raw_exps ? 3 : 2) * cols),
+        shifts_(3 * ((cols + kBlock - 1) / kBlock)) {}
+
+  // Starts a row whose gradient goes to grad_row (null: a row without one): the student's exps are
+  // kept there when its type is acc_t, else in the scratch.
   template <typename s_t>
   void start_row(s_t* grad_row) {
+    exps_s_ = exps_.data();
     if constexpr (std::is_same_v<s_t, acc_t>) {
-      exps_s_ = grad_row;
-    } else {
-      exps_s_ = exps_.data();
+      if (grad_row != nullptr) {
+        exps_s_ = grad_row;
+      }
     }
   }
 
   // kl.add of the n entries of the block at column c (a multiple of kBlock), keeping their exps.
   void add(SoftmaxKL<acc_t>& kl, int64_t c, const acc_t* s_raw, const acc_t* t_raw, int64_t n,
            acc_t scale) {
-    kl.add(s_raw, t_raw, n, scale, exps_s_ + c, exps_.data() + cols_ + c);
-    shifts_[2 * (c / kBlock)] = kl.shift_s();
-    shifts_[2 * (c / kBlock) + 1] = kl.shift_t();
+    kl.add(s_raw, t_raw, n, scale, exps_s_ + c, exps_t() + c,
+           raw_exps_ ? exps_raw() + c : nullptr);
+    acc_t* shifts = shifts_.data() + 3 * (c / kBlock);
+    shifts[0] = kl.shift_s();
+    shifts[1] = kl.shift_t();
+    shifts[2] = kl.shift_raw();
+  }
+
+  // f(Block) for each block of the row, in order, once every block went through add.
+  template <typename F>
+  void for_each_block(const SoftmaxKL<acc_t>& kl, F&& f) {
+    auto factor = [](acc_t shift, acc_t max) {
+      if (max == SoftmaxKL<acc_t>::kNegInf) {
+        return 0.0;
+      }
+      return shift == max ? 1.0 : std::exp(static_cast<double>(shift) - static_cast<double>(max));
+    };
+    for (int64_t c = 0; c < cols_; c += kBlock) {
+      const acc_t* shifts = shifts_.data() + 3 * (c / kBlock);
+      f(Block{c, std::min(kBlock, cols_ - c), exps_s_ + c, exps_t() + c,
+              raw_exps_ ? exps_raw() + c : nullptr, shifts[0], shifts[1],
+              factor(shifts[0], kl.max_s), factor(shifts[1], kl.max_t),
+              factor(shifts[2], kl.max_raw)});
+    }
   }
 
   // grad_row = g (q - p), in grad_row's type, once every block of the row went through add (buf_g:
   // kBlock values for the conversion).
   template <typename s_t>
-  void write_grad(const SoftmaxKL<acc_t>& kl, double g, s_t* grad_row, acc_t* buf_g) const {
-    using Vec = Vectorized<acc_t>;
-    // g exp(shift_b - max) / sum per block, in float64: one rounding, none where shift_b is max.
+  void write_grad(const SoftmaxKL<acc_t>& kl, double g, s_t* grad_row, acc_t* buf_g) {
+    // g factor / sum per block, in float64: one rounding, none where shift_b is max.
     const double g_s = g / static_cast<double>(kl.sum_s), g_t = g / static_cast<double>(kl.sum_t);
-    auto coefficient = [](double g_x, acc_t shift, acc_t max) {
-      return static_cast<acc_t>(
-          shift == max ? g_x
-                       : g_x * std::exp(static_cast<double>(shift) - static_cast<double>(max)));
-    };
-    for (int64_t c = 0; c < cols_; c += kBlock) {
-      const int64_t n = std::min(kBlock, cols_ - c);
-      const acc_t* e_s = exps_s_ + c;  // (out itself when exps_s_ is the gradient row)
-      const acc_t* e_t = exps_.data() + cols_ + c;
-      const Vec coef_s(coefficient(g_s, shifts_[2 * (c / kBlock)], kl.max_s));
-      const Vec coef_t(coefficient(g_t, shifts_[2 * (c / kBlock) + 1], kl.max_t));
-      acc_t* out = out_block<acc_t>(grad_row + c, buf_g);
-      int64_t k = 0;
-      for (; k + Vec::size() <= n; k += Vec::size()) {
-        at::vec::fmsub(Vec::loadu(e_s + k), coef_s, Vec::loadu(e_t + k) * coef_t).store(out + k);
-      }
-      if (k < n) {
-        at::vec::fmsub(Vec::loadu(e_s + k, n - k), coef_s, Vec::loadu(e_t + k, n - k) * coef_t)
-            .store(out + k, n - k);
-      }
-      store_block(out, grad_row + c, n);
-    }
+    for_each_block(kl, [&](const Block& b) {
+      acc_t* out = out_block<acc_t>(grad_row + b.c, buf_g);  // exps_s itself, or buf_g
+      linear_combination(b.exps_s, static_cast<acc_t>(g_s * b.factor_s), b.exps_t,
+                         static_cast<acc_t>(-g_t * b.factor_t), b.n, out);
+      store_block(out, grad_row + b.c, b.n);
+    });
   }
 
  private:
+  acc_t* exps_t() { return exps_.data() + cols_; }
+  acc_t* exps_raw() { return exps_.data() + 2 * cols_; }
+
   int64_t cols_;
-  std::vector<acc_t> exps_;    // exps_s at [0, cols) (unless in the gradient row), exps_t at [cols, 2 cols)
+  bool raw_exps_;
+  std::vector<acc_t> exps_;    // exps_s at [0, cols) (unless in the gradient row), exps_t at
+                               // [cols, 2 cols), exps_raw at [2 cols, 3 cols)
   acc_t* exps_s_ = nullptr;    // where this row's student exps are
-  std::vector<acc_t> shifts_;  // shift_s, shift_t of each block
+  std::vector<acc_t> shifts_;  // shift_s, shift_t, shift_raw of each block
 };
 
 // The log-sum-exp of no entry: the stats of a row that contributes nothing (see fastkd.backends).

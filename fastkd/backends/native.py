@@ -151,22 +151,38 @@ def attention_forward_with_grad(students, teachers, mask, kind, grad_rows):
     )
 
 
-def logit_forward(student, teacher, mask, temperature):
-    """rows = T^2 sum_v p_v (log p_v - log q_v), p = softmax(t / T), q = softmax(s / T);
-    stats = float64 [lse(s / T), lse(t / T)]."""
-    return _ops().logit_forward(student, teacher, mask, float(temperature))
+def logit_forward(student, teacher, mask, temperature, divergence, beta, labels):
+    """rows = T^2 D per row (tvd: D), D the divergence of q = softmax(s / T) and p = softmax(t / T)
+    ("forward" KL(p || q), "reverse" KL(q || p), "jsd" with beta, "tvd"); ce_rows = lse(s) - s[label]
+    on valid rows with a label (empty without labels); stats = float64
+    [lse(s / T), lse(t / T), lse(s), S] (fastkd.backends)."""
+    return _ops().logit_forward(
+        student, teacher, mask, float(temperature), divergence, float(beta), labels
+    )
 
 
-def logit_backward(student, teacher, mask, temperature, stats, grad_rows):
-    """d rows / d s = T (q - p), times grad_rows; 0 on masked rows."""
-    return _ops().logit_backward(student, teacher, mask, float(temperature), stats, grad_rows)
+def logit_backward(
+    student, teacher, mask, temperature, divergence, beta, labels, stats, grad_rows, grad_ce_rows
+):
+    """grad_rows * c q (a - S) + grad_ce_rows * (softmax(s) - onehot(label)) from the inputs and
+    stats (fastkd.backends); 0 on masked rows."""
+    return _ops().logit_backward(
+        student, teacher, mask, float(temperature), divergence, float(beta), labels, stats,
+        grad_rows, grad_ce_rows,
+    )
 
 
-def logit_forward_with_grad(student, teacher, mask, temperature, grad_rows):
-    """(rows, grad) of logit_forward and logit_backward in one sweep: grad = grad_rows * T (q - p),
-    q = e_s exp(shift_s - max_s) / sum_s, p likewise, from the exps e = exp(x / T - shift) of the
-    online softmax, kept per row in cache; 0 on rows that contribute nothing."""
-    return _ops().logit_forward_with_grad(student, teacher, mask, float(temperature), grad_rows)
+def logit_forward_with_grad(
+    student, teacher, mask, temperature, divergence, beta, labels, grad_rows, grad_ce_rows
+):
+    """(rows, ce_rows, grad) of logit_forward and logit_backward in one read of the inputs: the
+    exps e = exp(x / T - shift) of the online softmax are kept per row in cache, give
+    q = e_s exp(shift_s - max_s) / sum_s (p likewise) to the later sweeps (reverse, jsd, tvd) and to
+    the gradient; 0 on masked rows."""
+    return _ops().logit_forward_with_grad(
+        student, teacher, mask, float(temperature), divergence, float(beta), labels, grad_rows,
+        grad_ce_rows,
+    )
 
 
 def scale_gradients_(grads, upstream, expected):
