@@ -15,39 +15,6 @@ namespace {
 
 constexpr double kTiny = std::numeric_limits<float>::min();  // the smallest normal float32
 
-// log(x) for float32 lanes, inlined (Cephes' logf: x = m 2^e with m in [sqrt(1/2), sqrt(2)), a
-// polynomial in m - 1; relative error about 1 ulp) for normal x > 0; +inf and NaN stay as they are.
-inline Vectorized<float> vlog(const Vectorized<float>& x) {
-  using Vec = Vectorized<float>;
-  using IVec = Vectorized<int32_t>;
-  const IVec bits = at::vec::cast<int32_t>(x);
-  // x = m 2^e with m in [1/2, 1); then m in [sqrt(1/2), sqrt(2)) by moving one factor 2.
-  Vec m = at::vec::cast<float>((bits & IVec(0x007fffff)) | IVec(0x3f000000));
-  Vec e = at::vec::convert_to_fp_of_same_size<float>((bits >> IVec(23)) - IVec(126));
-  const Vec small = m < Vec(0.707106781186547524f);
-  e = e - (small & Vec(1.0f));
-  m = m + (small & m) - Vec(1.0f);
-  const Vec z = m * m;
-  Vec p(7.0376836292e-2f);
-  p = at::vec::fmadd(p, m, Vec(-1.1514610310e-1f));
-  p = at::vec::fmadd(p, m, Vec(1.1676998740e-1f));
-  p = at::vec::fmadd(p, m, Vec(-1.2420140846e-1f));
-  p = at::vec::fmadd(p, m, Vec(1.4249322787e-1f));
-  p = at::vec::fmadd(p, m, Vec(-1.6668057665e-1f));
-  p = at::vec::fmadd(p, m, Vec(2.0000714765e-1f));
-  p = at::vec::fmadd(p, m, Vec(-2.4999993993e-1f));
-  p = at::vec::fmadd(p, m, Vec(3.3333331174e-1f));
-  Vec y = p * m * z;
-  y = at::vec::fmadd(e, Vec(-2.12194440e-4f), y);  // ln 2 in two parts, the second here
-  y = at::vec::fmadd(z, Vec(-0.5f), y);
-  const Vec log_x = at::vec::fmadd(e, Vec(0.693359375f), m + y);
-  return Vec::blendv(x, log_x, x < Vec(std::numeric_limits<float>::infinity()));
-}
-
-inline Vectorized<double> vlog(const Vectorized<double>& x) {
-  return x.map([](double v) { return std::log(v); });
-}
-
 // Kind "probs" over n entries: returns sum_{p_k > 0} p_k (log p_k - log max(q_k, kTiny)) when
 // kValue (else 0), and writes out_k = g * (-p_k / q_k) where p_k > 0 and q_k >= kTiny (else 0)
 // when kGrad, from the same loads.

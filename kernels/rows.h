@@ -168,18 +168,18 @@ inline Vectorized<double> vexp(const Vectorized<double>& x) {
   return x.map([](double v) { return std::exp(v); });
 }
 
-// log(x) for float32 lanes of positive normal x, inlined (Cephes' logf: x = 2^e m with m in
-// [sqrt(1/2), sqrt(2)), log x = e ln 2 + log m by a polynomial in m - 1; error about 1 ulp). Zero,
-// subnormal, negative and non-finite x are not handled: callers clamp x to the normal range.
+// log(x) for float32 lanes, inlined (Cephes' logf: x = m 2^e with m in [sqrt(1/2), sqrt(2)), a
+// polynomial in m - 1; relative error about 1 ulp) for normal x > 0; +inf and NaN stay as they are.
 inline Vectorized<float> vlog(const Vectorized<float>& x) {
   using Vec = Vectorized<float>;
-  using Int = Vectorized<int32_t>;
-  // e and m from the bit pattern taken relative to that of sqrt(1/2) (0x3f3504f3): e is its
-  // exponent field, m keeps the mantissa bits with the exponent of sqrt(1/2) added back.
-  const Int offset = at::vec::cast<int32_t>(x) - Int(0x3f3504f3);
-  const Vec e = at::vec::convert_to_fp_of_same_size<float>(offset >> Int(23));
-  const Vec m =
-      at::vec::cast<float>((offset & Int(0x007fffff)) + Int(0x3f3504f3)) - Vec(1.0f);
+  using IVec = Vectorized<int32_t>;
+  const IVec bits = at::vec::cast<int32_t>(x);
+  // x = m 2^e with m in [1/2, 1); then m in [sqrt(1/2), sqrt(2)) by moving one factor 2.
+  Vec m = at::vec::cast<float>((bits & IVec(0x007fffff)) | IVec(0x3f000000));
+  Vec e = at::vec::convert_to_fp_of_same_size<float>((bits >> IVec(23)) - IVec(126));
+  const Vec small = m < Vec(0.707106781186547524f);
+  e = e - (small & Vec(1.0f));
+  m = m + (small & m) - Vec(1.0f);
   const Vec z = m * m;
   Vec p(7.0376836292e-2f);
   p = at::vec::fmadd(p, m, Vec(-1.1514610310e-1f));
@@ -190,9 +190,11 @@ inline Vectorized<float> vlog(const Vectorized<float>& x) {
   p = at::vec::fmadd(p, m, Vec(2.0000714765e-1f));
   p = at::vec::fmadd(p, m, Vec(-2.4999993993e-1f));
   p = at::vec::fmadd(p, m, Vec(3.3333331174e-1f));
-  Vec y = at::vec::fmadd(e, Vec(-2.12194440e-4f), p * m * z);  // ln 2 in two parts, as vexp
+  Vec y = p * m * z;
+  y = at::vec::fmadd(e, Vec(-2.12194440e-4f), y);  // ln 2 in two parts, the second here
   y = at::vec::fmadd(z, Vec(-0.5f), y);
-  return at::vec::fmadd(e, Vec(0.693359375f), m + y);
+  const Vec log_x = at::vec::fmadd(e, Vec(0.693359375f), m + y);
+  return Vec::blendv(x, log_x, x < Vec(std::numeric_limits<float>::infinity()));
 }
 
 inline Vectorized<double> vlog(const Vectorized<double>& x) {
