@@ -243,6 +243,11 @@ def check_head(role: str, logit_scale: object, softcap: object) -> tuple[float, 
     return float(logit_scale), None if softcap is None else float(softcap)
 
 
+def head_rows(weight: torch.Tensor, bias: torch.Tensor | None, vocab: int):
+    """The first ``vocab`` rows of a head's weight and bias (views): ``vocab="common"``'s head."""
+    return weight[:vocab], None if bias is None else bias[:vocab]
+
+
 def fused_linear_loss(
     student_hidden, student_weight, teacher_hidden, teacher_weight, mask_rows, labels, *, student_bias,
     teacher_bias, temperature, divergence, beta, chunk_size, student_head, teacher_head, kd_weight=1.0,
@@ -339,11 +344,8 @@ def fused_linear_kl(
     elif chunk_size < 1:
         raise ValueError(f"chunk_size: expected a positive number of rows, got {chunk_size}")
 
-    def head(weight, bias):
-        return weight[:vocab_size], None if bias is None else bias[:vocab_size]
-
-    student_weight, student_bias = head(student_weight, student_bias)
-    teacher_weight, teacher_bias = head(teacher_weight, teacher_bias)
+    student_weight, student_bias = head_rows(student_weight, student_bias, vocab_size)
+    teacher_weight, teacher_bias = head_rows(teacher_weight, teacher_bias, vocab_size)
     parts = fused_linear_loss(
         student_hidden.reshape(tokens, student_hidden.shape[-1]), student_weight,
         teacher_hidden.reshape(tokens, teacher_hidden.shape[-1]), teacher_weight,

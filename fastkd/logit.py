@@ -174,15 +174,18 @@ def logit_loss(
     may be 0-d device tensors). ``mask_rows``, ``labels``: flat ``[rows]`` or None."""
     shapes = [tuple(student.shape[:-1])]
     teacher = teacher.detach()
-    labelled = None if labels is None else labelled_rows(labels, mask_rows)
+    # the cross-entropy's mean divisor, the only reduction that needs it
+    labelled = labelled_rows(labels, mask_rows) if labels is not None and reduction == "mean" else None
 
     def parts(rows, ce_rows):
         kd = reduce_rows(rows, shapes, mask_rows, reduction, is_sequence=False)
         loss = kd if _is_constant(kd_weight, 1.0) else kd_weight * kd
         if labels is None:
             return LogitParts(loss, kd.detach(), None)
-        ce = {"none": ce_rows.view(shapes[0]), "sum": ce_rows.sum()}.get(reduction)
-        ce = ce_rows.sum() / labelled if ce is None else ce
+        if reduction == "none":
+            ce = ce_rows.view(shapes[0])
+        else:
+            ce = ce_rows.sum() if labelled is None else ce_rows.sum() / labelled
         if not _is_constant(ce_weight, 0.0):
             loss = loss + ce_weight * ce
         return LogitParts(loss, kd.detach(), ce.detach())

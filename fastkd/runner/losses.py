@@ -52,7 +52,7 @@ import torch.nn.functional as F
 import fastkd
 from fastkd import _backend
 from fastkd._validation import IGNORE_INDEX, check_labels, check_mask
-from fastkd.fused_linear import default_chunk_size, fused_linear_loss
+from fastkd.fused_linear import default_chunk_size, fused_linear_loss, head_rows
 from fastkd.masks import logit_labels, logit_mask
 from fastkd.runner.models import AttentionInputs, Features, ModelAdapter
 
@@ -257,17 +257,18 @@ def logit_loss(ctx: LossContext) -> WeightedLosses:
     ``fused_linear_loss`` pass over the first ``V`` rows of both heads (``V`` as ``runner.vocab``
     says), each head's transform applied; values ``{"logit": KD}`` (and ``"ce": CE``)."""
     runner = ctx.runner
-    (student_weight, student_bias), (teacher_weight, teacher_bias) = runner.student.lm_head(), runner.teacher.lm_head()
-    vocab = min(student_weight.shape[0], teacher_weight.shape[0])  # runner.vocab was checked at construction
+    student_head, teacher_head = runner.student.lm_head(), runner.teacher.lm_head()
+    vocab = min(student_head[0].shape[0], teacher_head[0].shape[0])  # runner.vocab was checked at construction
+    student_weight, student_bias = head_rows(*student_head, vocab)
+    teacher_weight, teacher_bias = head_rows(*teacher_head, vocab)
     student_hidden = ctx.student.head_input.flatten(0, -2)
     rows = ctx.logit_rows()
     with_ce = "ce" in ctx.stage.losses
     parts = fused_linear_loss(
-        student_hidden, student_weight[:vocab], ctx.teacher.head_input.flatten(0, -2), teacher_weight[:vocab],
+        student_hidden, student_weight, ctx.teacher.head_input.flatten(0, -2), teacher_weight,
         check_mask(rows, rows.shape, rows.device, "the logit rows [B, L]").view(-1),
         _row_labels(ctx, vocab) if with_ce else None,
-        student_bias=None if student_bias is None else student_bias[:vocab],
-        teacher_bias=None if teacher_bias is None else teacher_bias[:vocab],
+        student_bias=student_bias, teacher_bias=teacher_bias,
         temperature=runner.temperature, divergence=runner.divergence, beta=runner.beta,
         chunk_size=default_chunk_size(student_hidden.shape[0], vocab, student_hidden.device),
         student_head=runner.head_transforms["student"], teacher_head=runner.head_transforms["teacher"],
