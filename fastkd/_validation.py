@@ -1,12 +1,12 @@
 """Input checks shared by every loss: each raises a ValueError or TypeError naming the argument,
 what it got and what it expected, before any kernel runs. Nothing here reads a GPU's values: the
-range of ``labels`` is checked on the host for CPU tensors, and by an asynchronous device assert
+values of ``labels`` and of a sparse teacher's ids are checked on the host for CPU tensors, and by an asynchronous device assert
 (``torch._assert_async``) on a GPU and under ``torch.compile``."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from typing import TypeVar
 
 import torch
@@ -16,6 +16,8 @@ DIVERGENCES = ("forward", "reverse", "jsd", "tvd")
 VOCABS = ("exact", "common")
 JSD_DEFAULT_BETA = 0.5  # TRL's GKD and Liger's JSD default
 IGNORE_INDEX = -100  # transformers' label for "no target here"
+TAILS = ("renormalize", "bucket")
+PADDING_ID = -1  # a stored top-k entry that is not there (a row that kept fewer than k)
 Choice = TypeVar("Choice")
 
 
@@ -179,12 +181,19 @@ def check_labels(labels: object, shape: torch.Size, device: torch.device, vocab:
     labels = labels.reshape(-1).to(torch.int64).contiguous()
     in_range = ((labels == IGNORE_INDEX) | ((labels >= 0) & (labels < vocab))).all()
     message = f"labels: expected class ids in [0, {vocab}) or {IGNORE_INDEX} (ignored)"
-    if labels.device.type == "cpu" and not torch.compiler.is_compiling():
-        if not in_range:
-            raise ValueError(f"{message}, got values from {int(labels.min())} to {int(labels.max())}")
-    else:
-        torch._assert_async(in_range, message)
+    check_values(in_range, message, lambda: f"values from {int(labels.min())} to {int(labels.max())}")
     return labels
+
+
+def check_values(ok: torch.Tensor, message: str, got: Callable[[], str]) -> None:
+    """A check of tensor values (``ok``: a 0-d bool tensor) without a host synchronisation where
+    one would cost: on CPU a ValueError ``"{message}, got {got()}"``; on a GPU and under
+    ``torch.compile`` ``torch._assert_async``, which fails the stream with ``message``."""
+    if ok.device.type == "cpu" and not torch.compiler.is_compiling():
+        if not ok:
+            raise ValueError(f"{message}, got {got()}")
+    else:
+        torch._assert_async(ok, message)
 
 
 def check_ce_weight(ce_weight: object, labels: torch.Tensor | None) -> float | torch.Tensor:
@@ -199,3 +208,57 @@ def check_ce_weight(ce_weight: object, labels: torch.Tensor | None) -> float | t
     if labels is None and (isinstance(ce_weight, torch.Tensor) or ce_weight != 0):
         raise ValueError("ce_weight: a hard-label cross-entropy weight needs labels=, got labels=None")
     return ce_weight if isinstance(ce_weight, torch.Tensor) else float(ce_weight)
+
+
+def check_tail(tail: object, temperature: float) -> str:
+    """``tail``: ``"renormalize"`` or ``"bucket"``; ``"bucket"`` needs ``temperature=1``."""
+    tail = check_choice("tail", tail, TAILS)
+    if tail == "bucket" and temperature != 1.0:
+        raise ValueError(
+            f"tail: 'bucket' compares the stored probabilities at T = 1 with their tail and needs "
+            f"temperature=1.0, got temperature={temperature!r}; use tail='renormalize' for T != 1"
+        )
+    return tail
+
+
+def check_sparse_teacher(
+    ids: object, logprobs: object, shape: torch.Size, device: torch.device, vocab: int, what: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``teacher_ids`` (int32/int64) and ``teacher_logprobs`` (floating), both ``shape + (k,)``,
+    as contiguous ``[rows, k]`` tensors (int64 ids). Ids are ``-1`` (padding) or distinct within a
+    row and in ``[0, vocab)``; the log-probabilities of stored ids are not NaN or +inf."""
+    if not isinstance(ids, torch.Tensor):
+        raise TypeError(f"teacher_ids: expected an int32 or int64 torch.Tensor, got {type(ids).__name__}")
+    if ids.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"teacher_ids: expected an int32 or int64 tensor of token ids, got {ids.dtype}")
+    check_float_tensor("teacher_logprobs", logprobs)
+    if ids.dim() != len(shape) + 1 or ids.shape[:-1] != shape or ids.shape[-1] == 0:
+        raise ValueError(f"teacher_ids: expected shape {tuple(shape)} + (k,) with k >= 1 ({what}), got {tuple(ids.shape)}")
+    if logprobs.shape != ids.shape:
+        raise ValueError(f"teacher_logprobs: shape {tuple(logprobs.shape)} differs from teacher_ids' {tuple(ids.shape)}")
+    for name, x in (("teacher_ids", ids), ("teacher_logprobs", logprobs)):
+        if x.device != device:
+            raise ValueError(f"{name}: on {x.device}, but the student is on {device}")
+    k = ids.shape[-1]
+    if k > vocab:
+        raise ValueError(f"teacher_ids: k = {k} ids per row, more than the student's vocabulary of {vocab}")
+    ids = ids.reshape(-1, k).to(torch.int64).contiguous()
+    logprobs = logprobs.reshape(-1, k).contiguous()
+    check_values(
+        ((ids >= PADDING_ID) & (ids < vocab)).all(),
+        f"teacher_ids: expected token ids in [0, {vocab}) or {PADDING_ID} (padding)",
+        lambda: f"values from {int(ids.min())} to {int(ids.max())}",
+    )
+    ordered = ids.sort(-1).values
+    check_values(
+        ~((ordered[:, 1:] == ordered[:, :-1]) & (ordered[:, 1:] != PADDING_ID)).any(),
+        "teacher_ids: expected distinct ids in each row (besides the padding id -1)",
+        lambda: "a row with a repeated id",
+    )
+    stored = ids != PADDING_ID
+    check_values(
+        ~(stored & (logprobs.isnan() | (logprobs == torch.inf))).any(),
+        "teacher_logprobs: expected log-probabilities (finite or -inf) at the stored ids",
+        lambda: "NaN or +inf",
+    )
+    return ids, logprobs

@@ -82,6 +82,57 @@ def _head_grad(dlogits, logits, scale, softcap):
     return dlogits
 
 
+def head_chunks(student_hidden, student_weight, student_bias, student_head, chunk_size, grads, row_pass):
+    """The chunk loop of the fused-linear losses: for each chunk ``c`` of rows::
+
+        s         = head_s(h_s[c])                      (_head_logits; [1, chunk, V])
+        rows, ce_rows, dlogits = row_pass(c, s, grads)  (a backend's row kernel: d loss / d s
+                                                         when a gradient is asked for, else None)
+        dz        = _head_grad(dlogits)                 (through the softcap and the scale)
+        grad_h[c] = dz @ W_s;  grad_W += dz.T @ h_s[c];  grad_b += sum_rows dz
+
+    ``grads = (hidden, weight, bias)``: which gradients to compute. Returns the sums of ``rows``
+    and ``ce_rows`` over all chunks and the three gradients (an empty tensor where not asked for).
+    ``grad_W`` and ``grad_b`` accumulate in float32 (float64 for float64 weights) and are returned
+    in the weight's dtype.
+    """
+    grad_hidden, grad_weight, grad_bias = grads
+    tokens, vocab = student_hidden.shape[0], student_weight.shape[0]
+    w_acc = torch.promote_types(student_weight.dtype, torch.float32)
+    g_hidden = torch.empty_like(student_hidden) if grad_hidden else student_hidden.new_empty(0)
+    g_weight = student_weight.new_zeros(student_weight.shape if grad_weight else 0, dtype=w_acc)
+    g_bias = student_weight.new_zeros(vocab if grad_bias else 0, dtype=w_acc)
+    rows_sum = ce_sum = 0
+    for start in range(0, tokens, chunk_size):
+        chunk = slice(start, start + chunk_size)
+        hidden = student_hidden[chunk]
+        student = _head_logits(hidden, student_weight, student_bias, *student_head)
+        rows, ce_rows, dlogits = row_pass(chunk, student, any(grads))
+        rows_sum = rows_sum + rows.sum()
+        ce_sum = ce_sum + ce_rows.sum()
+        if dlogits is not None:
+            dlogits = _head_grad(dlogits[0], student[0], *student_head)
+        del student  # free the chunk's logits before the gradient GEMMs and the next chunk
+        if grad_hidden:
+            torch.mm(dlogits, student_weight, out=g_hidden[chunk])
+        if grad_weight:
+            _addmm_acc(g_weight, dlogits.t(), hidden)
+        if grad_bias:
+            g_bias += dlogits.sum(0, dtype=w_acc)
+    return rows_sum, ce_sum, g_hidden, g_weight.to(student_weight.dtype), g_bias.to(student_weight.dtype)
+
+
+def finish_head_loss(kd_sum, ce_sum, n, n_ce, weights):
+    """``(w_kd kd + w_ce ce, kd, ce)`` from the row sums (``ce`` is ``[0]`` without labels)."""
+    kd = kd_sum / n
+    loss = weights[0] * kd
+    ce = kd.new_empty(0)
+    if n_ce is not None:
+        ce = ce_sum / n_ce
+        loss = loss + weights[1] * ce
+    return loss, kd, ce
+
+
 def fused_linear_kl_forward(
     student_hidden: torch.Tensor,
     student_weight: torch.Tensor,
@@ -109,77 +160,56 @@ def fused_linear_kl_forward(
 
     Inputs are 2-D ``[N, D_s]``/``[N, D_t]`` hiddens, ``[V, D]`` weights, ``[V]`` biases, a float32
     ``[N]`` mask of 0/1 (or None), int64 ``[N]`` labels (or None) and ``weights = [w_kd, w_ce]``
-    (a ``[2]`` tensor of the loss's dtype). For each chunk of rows::
-
-        s, t      = head_s(h_s[c]), head_t(h_t[c])     (each in its own dtype; _head_logits)
-        rows, ce_rows, dlogits = logit_forward_with_grad(s, t, grad_rows = w_kd / n,
-                                                         grad_ce_rows = w_ce / n_ce)
-                  (from one read of s, t: the divergence and the cross-entropy per row, and
-                   d loss / d s)
-        dz        = _head_grad(dlogits)                (through the softcap and the scale)
-        grad_h[c] = dz @ W_s;  grad_W += dz.T @ h_s[c];  grad_b += sum_rows dz
-
-    with ``n = max(sum m, 1)`` and ``n_ce = max(rows with a label and a valid mask, 1)`` kept on the
-    device. Returns ``(w_kd kd + w_ce ce, kd, ce)`` (``ce`` is ``[0]`` without labels) and the
-    gradients. ``grad_W`` and ``grad_b`` accumulate in float32 (float64 for float64 weights) and are
-    returned in the weight's dtype. A gradient not asked for (``grad_* = False``) is returned as an
-    empty tensor and not computed.
+    (a ``[2]`` tensor of the loss's dtype). ``head_chunks`` runs the chunks; each chunk's row pass
+    computes the teacher's logits ``t = head_t(h_t[c])`` and, from one read of ``s`` and ``t``,
+    the divergence and the cross-entropy per row and ``d loss / d s`` (``logit_forward_with_grad``
+    with ``grad_rows = w_kd / n``, ``grad_ce_rows = w_ce / n_ce``), with ``n = max(sum m, 1)`` and
+    ``n_ce = max(rows with a label and a valid mask, 1)`` kept on the device. Returns
+    ``(w_kd kd + w_ce ce, kd, ce)`` (``ce`` is ``[0]`` without labels) and the gradients (an empty
+    tensor where ``grad_*`` is False).
     """
-    tokens, vocab = student_hidden.shape[0], student_weight.shape[0]
+    tokens = student_hidden.shape[0]
     kernels = _backend.module(backend)
-    acc = acc_dtype(student_hidden, teacher_hidden)
-    kd_sum = student_hidden.new_zeros((), dtype=acc)
-    ce_sum = student_hidden.new_zeros((), dtype=acc)
     n = max(tokens, 1) if mask is None else mask.sum().clamp_min(1)
     n_ce = None if labels is None else labelled_rows(labels, mask)
-    w_acc = torch.promote_types(student_weight.dtype, torch.float32)
-    g_hidden = torch.empty_like(student_hidden) if grad_hidden else student_hidden.new_empty(0)
-    g_weight = student_weight.new_zeros(student_weight.shape if grad_weight else 0, dtype=w_acc)
-    g_bias = student_weight.new_zeros(vocab if grad_bias else 0, dtype=w_acc)
     options = (temperature, divergence, beta)
-    for start in range(0, tokens, chunk_size):
-        chunk = slice(start, start + chunk_size)
-        hidden = student_hidden[chunk]
-        student = _head_logits(hidden, student_weight, student_bias, student_logit_scale, student_softcap)
+
+    def row_pass(chunk, student, with_grad):
         teacher = _head_logits(teacher_hidden[chunk], teacher_weight, teacher_bias, teacher_logit_scale, teacher_softcap)
         chunk_mask = None if mask is None else mask[chunk]
         chunk_labels = None if labels is None else labels[chunk]
-        if grad_hidden or grad_weight or grad_bias:
-            rows_in_chunk = student.shape[1]  # masked rows' weights are not read: the kernel writes 0 there
-            grad_rows = (weights[0] / n).expand(rows_in_chunk).contiguous()
-            grad_ce_rows = None if labels is None else (weights[1] / n_ce).expand(rows_in_chunk).contiguous()
-            rows, ce_rows, dlogits = kernels.logit_forward_with_grad(
-                student, teacher, chunk_mask, *options, chunk_labels, grad_rows, grad_ce_rows
-            )
-            dlogits = _head_grad(dlogits[0], student[0], student_logit_scale, student_softcap)
-        else:
-            rows, ce_rows, _ = kernels.logit_forward(student, teacher, chunk_mask, *options, chunk_labels)
-        kd_sum += rows.sum()
-        ce_sum += ce_rows.sum()
-        del student, teacher  # free the chunk's logits before the gradient GEMMs and the next chunk
-        if grad_hidden:
-            torch.mm(dlogits, student_weight, out=g_hidden[chunk])
-        if grad_weight:
-            _addmm_acc(g_weight, dlogits.t(), hidden)
-        if grad_bias:
-            g_bias += dlogits.sum(0, dtype=w_acc)
-    kd = kd_sum / n
-    loss = weights[0] * kd
-    ce = kd.new_empty(0)
-    if labels is not None:
-        ce = ce_sum / n_ce
-        loss = loss + weights[1] * ce
-    return loss, kd, ce, g_hidden, g_weight.to(student_weight.dtype), g_bias.to(student_weight.dtype)
+        if not with_grad:
+            return *kernels.logit_forward(student, teacher, chunk_mask, *options, chunk_labels)[:2], None
+        rows_in_chunk = student.shape[1]  # masked rows' weights are not read: the kernel writes 0 there
+        grad_rows = (weights[0] / n).expand(rows_in_chunk).contiguous()
+        grad_ce_rows = None if labels is None else (weights[1] / n_ce).expand(rows_in_chunk).contiguous()
+        return kernels.logit_forward_with_grad(student, teacher, chunk_mask, *options, chunk_labels, grad_rows, grad_ce_rows)
+
+    kd_sum, ce_sum, *grads = head_chunks(
+        student_hidden, student_weight, student_bias, (student_logit_scale, student_softcap), chunk_size,
+        (grad_hidden, grad_weight, grad_bias), row_pass,
+    )
+    return (*finish_head_loss(kd_sum, ce_sum, n, n_ce, weights), *grads)
 
 
-fused_linear_kl_op = torch.library.custom_op("fastkd::fused_linear_kl", fused_linear_kl_forward, mutates_args=())
+def register_head_autograd(op, inputs: int) -> None:
+    """The forward of a fused-linear op left d loss / d (hidden, weight, bias) as its outputs 3..5;
+    backward scales them by ``grad_loss``. The op's last three inputs say which were computed."""
+
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*output[3:])
+        ctx.computed = inputs[-3:]
+
+    def backward(ctx, grad_loss, *_):
+        grads = [g * grad_loss if done else None for g, done in zip(ctx.saved_tensors, ctx.computed)]
+        return (*grads, *(None,) * (inputs - 3))
+
+    op.register_autograd(backward, setup_context=setup_context)
 
 
-@fused_linear_kl_op.register_fake
-def _(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, mask, labels,
-      weights, temperature, divergence, beta, student_logit_scale, student_softcap, teacher_logit_scale,
-      teacher_softcap, chunk_size, backend, grad_hidden, grad_weight, grad_bias):
-    scalar = student_hidden.new_empty((), dtype=acc_dtype(student_hidden, teacher_hidden))
+def fake_head_outputs(student_hidden, student_weight, acc, labels, grads):
+    scalar = student_hidden.new_empty((), dtype=acc)
+    grad_hidden, grad_weight, grad_bias = grads
     return (
         scalar,
         torch.empty_like(scalar),
@@ -190,22 +220,21 @@ def _(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weig
     )
 
 
-def _setup_context(ctx, inputs, output):
-    ctx.save_for_backward(*output[3:])
-    ctx.computed = inputs[-3:]
+fused_linear_kl_op = torch.library.custom_op("fastkd::fused_linear_kl", fused_linear_kl_forward, mutates_args=())
 
 
-def _backward(ctx, grad_loss, *_):
-    """The forward pass left d loss / d (hidden, weight, bias); scale them by ``grad_loss``."""
-    grads = [g * grad_loss if done else None for g, done in zip(ctx.saved_tensors, ctx.computed)]
-    g_hidden, g_weight, g_bias = grads
-    return (g_hidden, g_weight, g_bias) + (None,) * 18
+@fused_linear_kl_op.register_fake
+def _(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, mask, labels,
+      weights, temperature, divergence, beta, student_logit_scale, student_softcap, teacher_logit_scale,
+      teacher_softcap, chunk_size, backend, grad_hidden, grad_weight, grad_bias):
+    acc = acc_dtype(student_hidden, teacher_hidden)
+    return fake_head_outputs(student_hidden, student_weight, acc, labels, (grad_hidden, grad_weight, grad_bias))
 
 
-fused_linear_kl_op.register_autograd(_backward, setup_context=_setup_context)
+register_head_autograd(fused_linear_kl_op, 21)
 
 
-def _check_linear(role: str, hidden: object, weight: object, bias: object) -> None:
+def check_linear(role: str, hidden: object, weight: object, bias: object) -> None:
     """``{role}_hidden [..., D]``, ``{role}_weight [V, D]``, ``{role}_bias [V]`` or None: one dtype."""
     check_float_tensor(f"{role}_hidden", hidden)
     check_float_tensor(f"{role}_weight", weight)
@@ -241,6 +270,17 @@ def check_head(role: str, logit_scale: object, softcap: object) -> tuple[float, 
         if not (math.isfinite(value) and value > 0):
             raise ValueError(f"{name}: expected a finite number > 0, got {value!r}")
     return float(logit_scale), None if softcap is None else float(softcap)
+
+
+def check_chunk_size(chunk_size: object, tokens: int, vocab: int, device: torch.device) -> int:
+    """``chunk_size``: a positive int, or None for ``default_chunk_size``."""
+    if chunk_size is None:
+        return default_chunk_size(tokens, vocab, device)
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int):
+        raise TypeError(f"chunk_size: expected an int or None, got {type(chunk_size).__name__}")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size: expected a positive number of rows, got {chunk_size}")
+    return chunk_size
 
 
 def head_rows(weight: torch.Tensor, bias: torch.Tensor | None, vocab: int):
@@ -317,8 +357,8 @@ def fused_linear_kl(
     tensors get none (they are constants). The loss is float32 (float64 for float64 inputs); no step
     synchronises with the host.
     """
-    _check_linear("student", student_hidden, student_weight, student_bias)
-    _check_linear("teacher", teacher_hidden, teacher_weight, teacher_bias)
+    check_linear("student", student_hidden, student_weight, student_bias)
+    check_linear("teacher", teacher_hidden, teacher_weight, teacher_bias)
     vocab_size = check_vocab(vocab, student_weight.shape[0], teacher_weight.shape[0], ("student_weight", "teacher_weight"))
     leading = student_hidden.shape[:-1]
     if teacher_hidden.shape[:-1] != leading:
@@ -337,12 +377,7 @@ def fused_linear_kl(
     labels = check_labels(labels, leading, student_hidden.device, vocab_size, what)
     ce_weight = check_ce_weight(ce_weight, labels)
     tokens = leading.numel()
-    if chunk_size is None:
-        chunk_size = default_chunk_size(tokens, vocab_size, student_hidden.device)
-    elif isinstance(chunk_size, bool) or not isinstance(chunk_size, int):
-        raise TypeError(f"chunk_size: expected an int or None, got {type(chunk_size).__name__}")
-    elif chunk_size < 1:
-        raise ValueError(f"chunk_size: expected a positive number of rows, got {chunk_size}")
+    chunk_size = check_chunk_size(chunk_size, tokens, vocab_size, student_hidden.device)
 
     student_weight, student_bias = head_rows(student_weight, student_bias, vocab_size)
     teacher_weight, teacher_bias = head_rows(teacher_weight, teacher_bias, vocab_size)

@@ -155,6 +155,23 @@ def labelled_rows(labels: torch.Tensor, mask_rows: torch.Tensor | None) -> torch
     return labelled.sum().clamp_min(1)
 
 
+def logit_parts(rows, ce_rows, shape, mask_rows, labels, labelled, reduction, kd_weight, ce_weight) -> LogitParts:
+    """``LogitParts`` from per-row values: ``kd`` the reduction of ``rows`` (``shape``: the leading
+    shape), ``ce`` that of ``ce_rows`` over the labelled rows (``labelled``: the mean's divisor, a
+    device tensor, None unless ``reduction="mean"``), ``loss = kd_weight * kd + ce_weight * ce``."""
+    kd = reduce_rows(rows, [shape], mask_rows, reduction, is_sequence=False)
+    loss = kd if _is_constant(kd_weight, 1.0) else kd_weight * kd
+    if labels is None:
+        return LogitParts(loss, kd.detach(), None)
+    if reduction == "none":
+        ce = ce_rows.view(shape)
+    else:
+        ce = ce_rows.sum() if labelled is None else ce_rows.sum() / labelled
+    if not _is_constant(ce_weight, 0.0):
+        loss = loss + ce_weight * ce
+    return LogitParts(loss, kd.detach(), ce.detach())
+
+
 def logit_loss(
     student: torch.Tensor,
     teacher: torch.Tensor,
@@ -178,17 +195,7 @@ def logit_loss(
     labelled = labelled_rows(labels, mask_rows) if labels is not None and reduction == "mean" else None
 
     def parts(rows, ce_rows):
-        kd = reduce_rows(rows, shapes, mask_rows, reduction, is_sequence=False)
-        loss = kd if _is_constant(kd_weight, 1.0) else kd_weight * kd
-        if labels is None:
-            return LogitParts(loss, kd.detach(), None)
-        if reduction == "none":
-            ce = ce_rows.view(shapes[0])
-        else:
-            ce = ce_rows.sum() if labelled is None else ce_rows.sum() / labelled
-        if not _is_constant(ce_weight, 0.0):
-            loss = loss + ce_weight * ce
-        return LogitParts(loss, kd.detach(), ce.detach())
+        return logit_parts(rows, ce_rows, shapes[0], mask_rows, labels, labelled, reduction, kd_weight, ce_weight)
 
     if _one_pass.applies([student], reduction):
         expected = _one_pass.expected_tensor(acc_dtype(student, teacher), student.device)

@@ -76,15 +76,67 @@ def logit_loss(s, t, *, mask=None, reduction="mean", dtype=F64, temperature=1.0,
     kd = reduce(logit_rows(s, t, temperature, dtype, divergence, beta), mask, reduction)
     if labels is None:
         return kd
+    return kd + ce_weight * _ce_reduced(s, labels, mask, reduction, dtype)
+
+
+def sparse_rows(s: torch.Tensor, ids: torch.Tensor, logprobs: torch.Tensor, temperature: float,
+                tail: str, dtype: torch.dtype = F64) -> torch.Tensor:
+    """The per-row divergence of ``sparse_logit_kl``, written over the whole vocabulary: the stored
+    teacher as a dense distribution ``p`` (0 off the stored ids; ids of -1 are not stored),
+    ``q = softmax(s / T)``:
+
+    - ``"renormalize"``: ``p`` = softmax of ``logprobs / T`` over the stored ids, ``T^2 KL(p || q)``;
+    - ``"bucket"`` (T = 1): ``p = exp(logprobs)`` at the stored ids, plus the tail class:
+      ``KL(p || q) + p_tail (log p_tail - log max(q_tail, TINY))`` with ``p_tail = max(1 - sum p, 0)``,
+      ``q_tail`` the student's mass off the stored ids, no tail term where the ids cover the
+      vocabulary or ``p_tail = 0``.
+
+    A row without a stored finite log-probability contributes 0.
+    """
+    vocab = s.shape[-1]
+    stored = ids >= 0
+    index = torch.where(stored, ids, 0).long()
+    logprobs = torch.where(stored, logprobs.detach().to(dtype), -torch.inf)
+    empty = torch.isneginf(logprobs).all(-1, keepdim=True)
+    s64 = torch.where(empty, 0.0, s.to(dtype))
+    on_ids = torch.zeros(s.shape, dtype=dtype).scatter_add(-1, index, stored.to(dtype)) > 0
+    log_q = torch.log_softmax(s64 / temperature, dim=-1)
+    if tail == "renormalize":
+        weights = torch.softmax(torch.where(empty, 0.0, logprobs / temperature), dim=-1)
+    else:
+        weights = logprobs.exp()
+    p = torch.zeros(s.shape, dtype=dtype).scatter_add(-1, index, torch.where(stored, weights, 0.0))
+    log_p = torch.log(torch.where(p > 0, p, 1.0))
+    rows = _kl_terms(p, log_p, log_q)
+    if tail == "renormalize":
+        rows = temperature**2 * rows
+    else:
+        p_tail = (1 - p.sum(-1)).clamp_min(0)
+        q_tail = torch.where(on_ids, 0.0, log_q.exp()).sum(-1)
+        has_tail = (p_tail > 0) & ~on_ids.all(-1)
+        log_ratio = torch.log(torch.where(has_tail, p_tail, 1.0)) - torch.log(q_tail.clamp_min(TINY))
+        rows = rows + torch.where(has_tail, p_tail * log_ratio, 0.0)
+    return torch.where(empty.squeeze(-1), 0.0, rows)
+
+
+def sparse_loss(s, teacher, *, mask=None, reduction="mean", dtype=F64, temperature=1.0, tail="renormalize",
+                labels=None, ce_weight=0.0):
+    """``sparse_logit_kl``'s value (``teacher = (ids, logprobs)``), with the cross-entropy term of
+    ``logit_loss``."""
+    kd = reduce(sparse_rows(s, *teacher, temperature, tail, dtype), mask, reduction)
+    if labels is None:
+        return kd
+    return kd + ce_weight * _ce_reduced(s, labels, mask, reduction, dtype)
+
+
+def _ce_reduced(s, labels, mask, reduction, dtype):
     labelled = labels != -100
     if mask is not None:
         labelled = labelled & (mask != 0)
     ce = torch.where(labelled, ce_rows(s, labels, dtype), 0.0)
     if reduction == "mean":
-        ce = ce.sum() / labelled.sum().clamp_min(1)
-    elif reduction == "sum":
-        ce = ce.sum()
-    return kd + ce_weight * ce
+        return ce.sum() / labelled.sum().clamp_min(1)
+    return ce.sum() if reduction == "sum" else ce
 
 
 def attention_probs_rows(s: torch.Tensor, t: torch.Tensor, dtype: torch.dtype = F64) -> torch.Tensor:
@@ -192,8 +244,9 @@ def reduce(rows: torch.Tensor, mask, reduction: str, attention: bool = False) ->
 def reference_loss(loss: str, students, teachers, *, mask=None, reduction="mean", dtype=F64, **options):
     """The float64 (or ``dtype``) value of ``fastkd.<loss>`` for a pair or a sequence of pairs.
 
-    ``loss`` is ``"hidden_mse"``, ``"attention_kl"`` or ``"logit_kl"``; ``options`` holds
-    ``kind``, or ``logit_loss``'s options.
+    ``loss`` is ``"hidden_mse"``, ``"attention_kl"``, ``"logit_kl"`` or ``"sparse_logit_kl"`` (whose
+    teacher is ``(ids, logprobs)``); ``options`` holds ``kind``, or ``logit_loss``'s or
+    ``sparse_loss``'s options.
     """
     single = torch.is_tensor(students)
     if single:
@@ -204,6 +257,9 @@ def reference_loss(loss: str, students, teachers, *, mask=None, reduction="mean"
             rows = hidden_rows(s, t, dtype)
         elif loss == "logit_kl":
             values.append(logit_loss(s, t, mask=mask, reduction=reduction, dtype=dtype, **options))
+            continue
+        elif loss == "sparse_logit_kl":
+            values.append(sparse_loss(s, t, mask=mask, reduction=reduction, dtype=dtype, **options))
             continue
         else:
             rows = attention_rows(s, t, options.get("kind", "probs"), mask, dtype)
@@ -305,7 +361,8 @@ def run_and_compare(fn, loss: str, students, teachers, *, mask=None, reduction="
     single = torch.is_tensor(students)
     s_list = [students] if single else list(students)
     t_list = [teachers] if single else list(teachers)
-    dtype = loss_dtype(*s_list, *t_list)
+    # the loss's dtype follows the tensors of the pair (a sparse teacher's stored values do not count)
+    dtype = loss_dtype(*s_list, *(t for t in t_list if torch.is_tensor(t)))
 
     def reference(precision):
         leaves = [s.detach().to(precision).requires_grad_() for s in s_list]

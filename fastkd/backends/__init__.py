@@ -1,6 +1,6 @@
 """Backends: modules that compute the per-row values of the three losses and their gradients.
 
-Every backend module (``torch_ref``, ``triton``, ``native``) defines the same twelve functions. The
+Every backend module (``torch_ref``, ``triton``, ``native``) defines the same fifteen functions. The
 public API (``fastkd.hidden``, ``fastkd.attention``, ``fastkd.attention_qk``, ``fastkd.logit``) validates the inputs, brings
 them into the layouts below and calls these through ``torch.library`` custom ops; backends never
 validate, never reduce over rows and never synchronise with the host.
@@ -42,6 +42,8 @@ Functions::
     logit_forward(student, teacher, mask, temperature, divergence, beta, labels) -> (rows, ce_rows, stats)
     logit_backward(student, teacher, mask, temperature, divergence, beta, labels, stats, grad_rows,
                    grad_ce_rows) -> grad
+    sparse_forward(student, ids, logprobs, mask, temperature, tail) -> (rows, stats)
+    sparse_backward(student, ids, logprobs, mask, temperature, tail, stats, grad_rows) -> grad
     attention_qk_forward(student_q, student_k, teacher_q, teacher_k, scales, mask, causal) -> (rows, stats)
     attention_qk_backward(student_q, student_k, teacher_q, teacher_k, scales, mask, causal, stats,
                           grad_rows) -> (grads_q, grads_k)
@@ -54,6 +56,7 @@ gradients those the backward would return for these ``grad_rows``::
     attention_forward_with_grad(students, teachers, mask, kind, grad_rows) -> (rows, grads)
     logit_forward_with_grad(student, teacher, mask, temperature, divergence, beta, labels, grad_rows,
                             grad_ce_rows) -> (rows, ce_rows, grad)
+    sparse_forward_with_grad(student, ids, logprobs, mask, temperature, tail, grad_rows) -> (rows, grad)
     scale_gradients_(grads, upstream, expected) -> None
 
 ``scale_gradients_`` multiplies each gradient in place by ``upstream / expected`` (0-d tensors of
@@ -80,6 +83,29 @@ on rows without a cross-entropy) and ``S = sum_v q_v a_v``, the one row sum the 
 
 with ``q a = 0`` wherever ``q = 0``. ``grad_ce_rows`` is ``None`` without labels (no cross-entropy
 gradient).
+
+The sparse (top-k teacher) functions. ``student`` is a ``[R0, R1, V]`` row view as for ``logit``;
+``ids`` a contiguous int64 ``[R, k]`` of the teacher's stored token ids per row, ``-1`` for padding
+(an entry that is not there, whatever its log-probability), the others distinct and in ``[0, V)``;
+``logprobs`` a contiguous ``[R, k]`` of the loss's dtype (float32; float64 for a float64 student):
+the teacher's log-probabilities at T = 1 of those ids. With ``s' = s / T``, ``log q = s' - lse(s')``
+over the whole vocabulary and ``J`` the row's stored entries (``ids >= 0``)::
+
+    "renormalize"  lse_t = lse_{j in J}(l_j / T),  p_j = exp(l_j / T - lse_t)
+                   rows  = T^2 sum_{j in J, p_j > 0} p_j (log p_j - log q_{id_j})
+                   grad  = grad_rows * (a q + scatter_j b_j),  a = T,  b_j = -T p_j
+    "bucket"       (T = 1) lse_t = lse_{j in J}(l_j),  p_j = exp(l_j),  P = sum_J p_j,
+                   Q = sum_J q_{id_j},  p_tail = max(1 - P, 0),  q_tail = 1 - Q
+                   rows  = sum_{j in J, p_j > 0} p_j (l_j - log q_{id_j})
+                           + p_tail (log p_tail - log max(q_tail, TINY))   (only when the tail
+                             exists, |J| < V, and p_tail > 0)
+                   w     = p_tail / q_tail where the tail exists and q_tail > TINY, else 0
+                   grad  = grad_rows * (a q + scatter_j b_j),  a = P - w Q,  b_j = w q_{id_j} - p_j
+
+(``TINY`` = 1.1754944e-38, ``scatter_j b_j`` adds ``b_j`` at entry ``id_j``). A row contributes
+nothing when it is masked or ``lse_t = -inf`` (no stored entry with a finite log-probability).
+``stats`` is ``[2, R]``: ``lse(s')`` and ``lse_t``. The k-sized values (``p``, ``P``, ``Q``, ``w``)
+are recomputed from ``ids``, ``logprobs`` and the stats in backward.
 
 ``attention_qk_*`` take lists (layer pairs) of contiguous queries ``[B, H, L, d]`` and keys
 ``[B, H_kv, L, d]`` (``H % H_kv == 0``; query head ``h`` reads key head ``h // (H / H_kv)``), ``scales``

@@ -335,6 +335,85 @@ def logit_backward(student, teacher, mask, temperature, divergence, beta, labels
     return grad
 
 
+# ---------------------------------------------------------------------------------------- sparse
+
+
+def _sparse_terms(log_q_ids, logprobs, stored, temperature, tail, vocab, lse_t=None):
+    """(row value, a, b) of a block of sparse rows (fastkd.backends): the divergence and the
+    gradient's dense coefficient ``a`` (of q) and sparse ones ``b`` (at the ids), from the
+    student's ``log q`` at the ids, ``[n, k]``. ``lse_t`` is computed unless given (backward)."""
+    if tail == "renormalize":
+        scaled = torch.where(stored, logprobs / temperature, -torch.inf)
+        if lse_t is None:
+            _, lse_t = _log_softmax(scaled)
+        log_p = _minus_lse(scaled, lse_t)
+        p = torch.where(stored, log_p.exp(), 0)
+        value = temperature**2 * torch.where(p > 0, p * (log_p - log_q_ids), 0).sum(-1)
+        return value, lse_t, torch.full_like(value, temperature), -temperature * p
+    log_p = torch.where(stored, logprobs, -torch.inf)
+    if lse_t is None:
+        _, lse_t = _log_softmax(log_p)
+    p, q = log_p.exp(), torch.where(stored, log_q_ids.exp(), 0)
+    total_p, total_q = p.sum(-1), q.sum(-1)
+    p_tail, q_tail = (1 - total_p).clamp_min(0), 1 - total_q
+    has_tail = stored.sum(-1) < vocab
+    tail_term = p_tail * (torch.log(torch.where(p_tail > 0, p_tail, 1)) - torch.log(q_tail.clamp_min(TINY)))
+    value = torch.where(p > 0, p * (log_p - log_q_ids), 0).sum(-1) + torch.where(has_tail & (p_tail > 0), tail_term, 0)
+    w = torch.where(has_tail & (q_tail > TINY), p_tail / torch.where(q_tail > TINY, q_tail, 1), 0)
+    return value, lse_t, total_p - w * total_q, w[:, None] * q - p
+
+
+def _sparse(student, ids, logprobs, mask, temperature, tail, grad_rows, stats_in=None):
+    """(rows, stats, grad or None) of the sparse contract (fastkd.backends), block by block; with
+    ``stats_in`` (backward) the lses come from there."""
+    count, vocab = student.shape[0] * student.shape[1], student.shape[-1]
+    acc = logprobs.dtype
+    rows = torch.zeros(count, dtype=acc, device=student.device)
+    stats = torch.full((2, count), -torch.inf, dtype=torch.float64, device=student.device)
+    grad = None if grad_rows is None else torch.empty(student.shape, dtype=student.dtype, device=student.device)
+    for start, cols, i in _row_blocks(student):
+        s = student[i, cols].to(acc) / temperature
+        end = start + s.shape[0]
+        block_ids, block_logprobs = ids[start:end], logprobs[start:end]
+        stored = block_ids >= 0
+        if stats_in is None:
+            log_q, lse_s = _log_softmax(s)
+        else:
+            lse_s = stats_in[0, start:end]
+            log_q = _minus_lse(s, lse_s)
+        log_q_ids = log_q.gather(-1, block_ids.clamp_min(0))
+        value, lse_t, a, b = _sparse_terms(
+            log_q_ids, block_logprobs, stored, temperature, tail, vocab, None if stats_in is None else stats_in[1, start:end]
+        )
+        counts = _contributes(_block_mask(mask, start, s.shape[0], student), lse_t)
+        rows[start:end] = torch.where(counts, value, 0)
+        stats[0, start:end] = torch.where(counts, lse_s, -torch.inf)
+        stats[1, start:end] = torch.where(counts, lse_t, -torch.inf)
+        if grad is not None:
+            scale = grad_rows[start:end].to(acc)
+            block = log_q.exp() * (a * scale)[:, None]
+            block.scatter_add_(-1, block_ids.clamp_min(0), torch.where(stored, b * scale[:, None], 0))
+            grad[i, cols] = torch.where(counts[:, None], block, 0).to(student.dtype)
+    return rows, stats, grad
+
+
+def sparse_forward(student, ids, logprobs, mask, temperature, tail):
+    """rows (the divergence per row against the stored top-k teacher) and stats (fastkd.backends)."""
+    rows, stats, _ = _sparse(student, ids, logprobs, mask, temperature, tail, None)
+    return rows, stats
+
+
+def sparse_forward_with_grad(student, ids, logprobs, mask, temperature, tail, grad_rows):
+    """The rows above and the gradient of sparse_backward, from one read of each block."""
+    rows, _, grad = _sparse(student, ids, logprobs, mask, temperature, tail, grad_rows)
+    return rows, grad
+
+
+def sparse_backward(student, ids, logprobs, mask, temperature, tail, stats, grad_rows):
+    """grad_rows * d rows / d s; 0 on rows that contribute nothing."""
+    return _sparse(student, ids, logprobs, mask, temperature, tail, grad_rows, stats_in=stats)[2]
+
+
 # attention_kl_qk: query chunks of scores through this backend's attention_forward/backward
 attention_qk_forward, attention_qk_backward = qk_chunks.through(attention_forward, attention_backward)
 
