@@ -17,6 +17,8 @@ from fastkd.hidden import hidden_mse
 from fastkd.logit import LogitParts, logit_kl
 from fastkd.masks import logit_labels, logit_mask
 from fastkd.modules import AttentionKLLoss, HiddenMSELoss, LogitKLLoss
+from fastkd.offline import OfflineTeacher, topk_logprobs
+from fastkd.sparse import fused_linear_sparse_kl, sparse_logit_kl
 from fastkd.runner import Schedule, Stage, StageRunner, register_loss
 
 __all__ = [
@@ -25,6 +27,7 @@ __all__ = [
     "HiddenMSELoss",
     "LogitKLLoss",
     "LogitParts",
+    "OfflineTeacher",
     "Schedule",
     "Stage",
     "StageRunner",
@@ -32,6 +35,7 @@ __all__ = [
     "attention_kl_qk",
     "available_backends",
     "fused_linear_kl",
+    "fused_linear_sparse_kl",
     "get_backend",
     "get_passes",
     "hidden_mse",
@@ -42,4 +46,6 @@ __all__ = [
     "relation_kl",
     "set_backend",
     "set_passes",
+    "sparse_logit_kl",
+    "topk_logprobs",
 ]

@@ -1,4 +1,4 @@
-"""The ``fastkd`` command: ``fastkd bench`` (the benchmark suite) and ``fastkd distill``."""
+"""The ``fastkd`` command: ``fastkd bench`` (the benchmark suite), ``fastkd distill`` and ``fastkd teacher-topk``."""
 
 from __future__ import annotations
 
@@ -99,9 +99,17 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     _bench_parser(sub)
     sub.add_parser("distill", help="distil a student from a teacher (see `fastkd distill --help`)", add_help=False)
+    sub.add_parser(
+        "teacher-topk", help="write a teacher's top-k log-probabilities for offline distillation "
+        "(see `fastkd teacher-topk --help`)", add_help=False,
+    )
     if argv[:1] == ["distill"]:
         from fastkd.distill import main as distill_main
 
         return distill_main(argv[1:])
+    if argv[:1] == ["teacher-topk"]:
+        from fastkd.offline import main as teacher_topk_main
+
+        return teacher_topk_main(argv[1:])
     args = parser.parse_args(argv)
     return bench(args)
