@@ -21,6 +21,14 @@ started again with the same arguments, ends with the weights of an uninterrupted
 ``--log FILE`` appends every step's metrics to ``FILE`` as JSON lines (``preset``, ``way``,
 ``stage``, ``step``, ``loss``, ``loss_<name>``, ``time_ms``, ``peak_mem_mb``).
 
+``--offline DIR`` distils ``--student`` from an offline teacher instead: the top-k files that
+``fastkd teacher-topk`` wrote in ``DIR`` (:class:`fastkd.OfflineTeacher`, checked against the
+student), no teacher model, one stage of ``--steps`` steps (default: one pass over the files) with
+the ``logit`` loss (``fastkd.fused_linear_sparse_kl``, ``--tail``) and, with ``--ce W``, ``W`` times
+the student's cross-entropy on the files' tokens. The batches are the files' (``--batch-size``
+sequences of their length), reshuffled each pass; ``--checkpoint-dir``, ``--save`` and ``--log``
+work as above (``DIR/offline/``), and there is no plain way to compare with.
+
 ``--attention {qk,maps,relations}`` is the runner's ``attention`` (how ``att`` compares the paired
 blocks, see :class:`~fastkd.runner.StageRunner`; default: the runner's), ``--relation-heads N`` its
 ``relation_heads`` (and, without ``--attention``, means ``relations``). The plain way always
@@ -40,7 +48,7 @@ import sys
 
 import torch
 
-from fastkd.runner import Schedule, StageRunner
+from fastkd.runner import Schedule, Stage, StageRunner
 from fastkd.runner.measure import fix_mmap_threshold
 from fastkd.runner.plain import PlainRunner
 from fastkd.runner.schedule import PRESETS
@@ -189,6 +197,11 @@ def parse_args(argv):
     parser.add_argument(
         "--relation-heads", type=int, metavar="N", help="relation heads for --attention relations (implies it)"
     )
+    parser.add_argument("--offline", metavar="DIR", help="distil from the top-k files of `fastkd teacher-topk` in DIR")
+    parser.add_argument("--tail", choices=["renormalize", "bucket"], default="renormalize",
+                        help="--offline: how the stored top-k is compared (bucket needs --temperature 1)")
+    parser.add_argument("--ce", type=float, default=0.0, metavar="W",
+                        help="--offline: add W x the student's cross-entropy on the files' tokens")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--no-plain", action="store_true", help="skip the plain way")
     parser.add_argument("--save", help="directory for the distilled student(s)")
@@ -197,6 +210,14 @@ def parse_args(argv):
     parser.add_argument("--log", help="append every step's metrics to this file as JSON lines")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
+    if args.offline is not None:
+        if args.student is None or args.teacher is not None or args.preset:
+            parser.error("--offline DIR takes --student and no --teacher or --preset: the files are the teacher")
+        if args.steps is not None and len(args.steps) != 1:
+            parser.error("--offline runs one stage: give --steps one count")
+        if args.ce < 0:
+            parser.error(f"--ce: expected a weight >= 0, got {args.ce}")
+        return args
     if (args.teacher is None) != (args.student is None):
         parser.error("--teacher and --student go together")
     if args.checkpoint_every is not None and args.checkpoint_dir is None:
@@ -214,10 +235,64 @@ def parse_args(argv):
     return args
 
 
+def offline_batches(teacher, start: int, with_labels: bool):
+    """The offline teacher's batches from step ``start`` on, pass after pass (the same batch at a
+    step whatever ``start`` is); ``labels`` are the tokens where ``with_labels``."""
+    step = 0
+    while True:
+        for batch in teacher:
+            if step >= start:
+                if with_labels:
+                    batch["labels"] = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+                yield batch
+            step += 1
+        if step == 0:
+            return
+
+
+def run_offline(args, device, log) -> int:
+    """``--offline``: one logit stage (and ``ce`` with ``--ce``) from the top-k files (module docstring)."""
+    from fastkd.offline import OfflineTeacher
+
+    teacher = OfflineTeacher(args.offline, batch_size=args.batch_size)
+    torch.manual_seed(0)
+    student = load_model(args.student, device)
+    losses = {"logit": 1.0, **({"ce": args.ce} if args.ce else {})}
+    steps = args.steps[0] if args.steps else len(teacher)
+    optimizer = torch.optim.AdamW(student.parameters(), lr=args.lr)
+    checkpoints = os.path.join(args.checkpoint_dir, "offline") if args.checkpoint_dir else None
+    runner = StageRunner(
+        student, teacher, Schedule([Stage("offline", losses, steps)]), optimizer, temperature=args.temperature,
+        tail=args.tail, quiet=args.quiet, measure=True, checkpoint_dir=checkpoints,
+        checkpoint_every=args.checkpoint_every if checkpoints else None,
+    )
+    if checkpoints and os.path.exists(os.path.join(checkpoints, "latest.pt")):
+        runner.load(os.path.join(checkpoints, "latest.pt"))
+        print(f"resuming offline from {checkpoints} at step {runner.step_index}", flush=True)
+    print(f"fastkd distill on {device} from the top-k files in {args.offline} (k={teacher.k}): batch "
+          f"{args.batch_size} x {teacher.seq_len}, T={args.temperature}, tail={args.tail}")
+    records = []
+    for metrics in runner.run(offline_batches(teacher, runner.step_index, "ce" in losses)):
+        records.append(metrics)
+        if log is not None:
+            log.write(json.dumps({"preset": "offline", "way": "fastkd", **metrics}) + "\n")
+            log.flush()
+    result = summarise(records)
+    print(f"{'configuration':<13} {'way':<7} {'steps':>5} {'ms/step':>9} {'peak MB':>9}  losses (last step)")
+    print(f"{'offline':<13} {'fastkd':<7} {result['steps']:>5} {result['time_ms']:>9.1f} {result['peak_mb']:>9.1f}  "
+          f"{_format_losses(result['losses'])}", flush=True)
+    if args.save:
+        student.save_pretrained(os.path.join(args.save, "offline"))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     fix_mmap_threshold()
     device = torch.device(args.device)
+    if args.offline is not None:
+        with open(args.log, "a") if args.log else contextlib.nullcontext() as log:
+            return run_offline(args, device, log)
     presets = args.preset or list(PRESETS)
     if args.teacher is None:
         vocab = DEMO_VOCAB

@@ -2,8 +2,9 @@
 
 Static shapes: the first batch of the stage fixes ``[B, L]`` (``L`` is ``pad_to`` when given);
 later batches are padded on the right to ``L`` (``input_ids`` and ``token_type_ids`` with 0,
-``attention_mask`` with 0, ``labels`` with -100), which changes no loss since every loss is masked
-by the padding mask. A batch with another ``B`` or a longer ``L`` runs that step eagerly.
+``attention_mask`` with 0, ``labels`` with -100, an offline teacher's ``teacher_ids`` ``[B, L, k]``
+with -1 and ``teacher_logprobs`` with -inf), which changes no loss since every loss is masked by the
+padding mask. A batch with another ``B`` or a longer ``L`` runs that step eagerly.
 
 Life of a stage: the first ``warmup`` steps run eagerly on a side stream (lazy state such as the
 optimizer's moments is allocated there, outside the graph), the next step captures the graph and
@@ -23,7 +24,8 @@ import torch
 
 log = logging.getLogger("fastkd.runner")
 
-PAD_VALUES = {"input_ids": 0, "attention_mask": 0, "token_type_ids": 0, "labels": -100}
+PAD_VALUES = {"input_ids": 0, "attention_mask": 0, "token_type_ids": 0, "labels": -100, "teacher_ids": -1,
+              "teacher_logprobs": float("-inf")}
 
 
 def make_capturable(optimizer: torch.optim.Optimizer, device: torch.device) -> str | None:
@@ -39,16 +41,18 @@ def make_capturable(optimizer: torch.optim.Optimizer, device: torch.device) -> s
 
 
 def pad_batch(batch: Mapping[str, torch.Tensor], shape: tuple[int, int]) -> dict[str, torch.Tensor] | None:
-    """``batch`` padded on the right to ``shape`` ([B, L]); None if it does not fit."""
+    """``batch`` (tensors ``[B, L, ...]``) padded on the right of ``L`` to ``shape`` ([B, L]); None
+    if it does not fit."""
     rows, length = shape
     padded = {}
     for name, value in batch.items():
-        if value.dim() != 2 or value.shape[0] != rows or value.shape[1] > length:
+        if value.dim() < 2 or value.shape[0] != rows or value.shape[1] > length:
             return None
         if value.shape[1] < length:
             if name not in PAD_VALUES:
                 return None
-            value = torch.nn.functional.pad(value, (0, length - value.shape[1]), value=PAD_VALUES[name])
+            widths = (0, 0) * (value.dim() - 2) + (0, length - value.shape[1])
+            value = torch.nn.functional.pad(value, widths, value=PAD_VALUES[name])
         padded[name] = value
     return padded
 

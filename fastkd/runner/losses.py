@@ -31,7 +31,10 @@ The built-in losses, registered in this order (a stage lists its losses in regis
 - ``"att"`` (needs ``attention``): the attention loss of :mod:`fastkd.runner.runner`'s docstring;
 - ``"logit"`` (needs ``head``): ``KD``, the runner's divergence of the heads' logits over the rows
   of ``fastkd.logit_mask(labels, m, causal=...)``, by ``fastkd.fused_linear.fused_linear_loss``
-  (no logits held); in a stage with ``"ce"`` too, ``w_logit * KD + w_ce * CE`` from that one pass;
+  (no logits held); in a stage with ``"ce"`` too, ``w_logit * KD + w_ce * CE`` from that one pass.
+  With an offline teacher (the runner's ``teacher`` None or a ``fastkd.OfflineTeacher``) the
+  teacher's side is the batch's stored top-k (``OFFLINE_FIELDS``) and the loss is
+  ``fastkd.sparse.fused_linear_sparse_loss`` on the student's head alone;
 - ``"ce"`` (needs ``student_head``, ``labels``): ``CE = sum_i ce_i / max(n, 1)``, the student's
   hard-label cross-entropy ``ce_i = logsumexp(s_i) - s_i[y_i]`` at T = 1 over the ``n`` rows with a
   target ``y = fastkd.logit_labels(labels, m, causal=...)``. Without ``"logit"`` in the stage the
@@ -51,9 +54,11 @@ import torch.nn.functional as F
 
 import fastkd
 from fastkd import _backend
-from fastkd._validation import IGNORE_INDEX, check_labels, check_mask
+from fastkd._layout import acc_dtype
+from fastkd._validation import IGNORE_INDEX, check_labels, check_mask, check_sparse_teacher
 from fastkd.fused_linear import default_chunk_size, fused_linear_loss, head_rows
 from fastkd.masks import logit_labels, logit_mask
+from fastkd.sparse import fused_linear_sparse_loss
 from fastkd.runner.models import AttentionInputs, Features, ModelAdapter
 
 if TYPE_CHECKING:
@@ -61,6 +66,7 @@ if TYPE_CHECKING:
     from fastkd.runner.schedule import Stage
 
 NEEDS = ("hidden", "attention", "head", "student_head", "labels")
+OFFLINE_FIELDS = ("teacher_ids", "teacher_logprobs")  # an offline teacher's stored top-k in a batch
 PROJECTION_FIELDS = {"q": "query", "k": "key", "v": "value"}  # relation projection -> AttentionInputs field
 
 
@@ -255,8 +261,11 @@ def _row_labels(ctx: LossContext, vocab: int) -> torch.Tensor:
 def logit_loss(ctx: LossContext) -> WeightedLosses:
     """``w_logit * KD`` (plus ``w_ce * CE`` when the stage has ``"ce"``) from one
     ``fused_linear_loss`` pass over the first ``V`` rows of both heads (``V`` as ``runner.vocab``
-    says), each head's transform applied; values ``{"logit": KD}`` (and ``"ce": CE``)."""
+    says), each head's transform applied; values ``{"logit": KD}`` (and ``"ce": CE``). With an
+    offline teacher, ``fused_linear_sparse_loss`` against the batch's stored top-k instead."""
     runner = ctx.runner
+    if runner.teacher is None:
+        return _offline_logit_loss(ctx)
     student_head, teacher_head = runner.student.lm_head(), runner.teacher.lm_head()
     vocab = min(student_head[0].shape[0], teacher_head[0].shape[0])  # runner.vocab was checked at construction
     student_weight, student_bias = head_rows(*student_head, vocab)
@@ -274,6 +283,31 @@ def logit_loss(ctx: LossContext) -> WeightedLosses:
         student_head=runner.head_transforms["student"], teacher_head=runner.head_transforms["teacher"],
         kd_weight=ctx.weights["logit"], ce_weight=ctx.weights["ce"] if with_ce else 0.0,
         backend=_backend.resolve(student_hidden.device),
+    )
+    return WeightedLosses(parts.loss, {"logit": parts.kd, "ce": parts.ce} if with_ce else {"logit": parts.kd})
+
+
+def _offline_logit_loss(ctx: LossContext) -> WeightedLosses:
+    """The ``"logit"`` loss from an offline teacher: ``fastkd.fused_linear_sparse_kl`` of the
+    student's head on the batch's ``teacher_ids``/``teacher_logprobs`` ``[B, L, k]`` (the
+    teacher's distribution at each position, aligned with the logit rows), ``runner.tail``."""
+    runner = ctx.runner
+    weight, bias = runner.student.lm_head()
+    student_hidden = ctx.student.head_input.flatten(0, -2)
+    rows = ctx.logit_rows()
+    ids, logprobs = check_sparse_teacher(
+        ctx.batch["teacher_ids"], ctx.batch["teacher_logprobs"], rows.shape, rows.device, weight.shape[0],
+        "the logit rows [B, L]",
+    )
+    with_ce = "ce" in ctx.stage.losses
+    parts = fused_linear_sparse_loss(
+        student_hidden, weight, ids, logprobs.to(acc_dtype(student_hidden)),
+        check_mask(rows, rows.shape, rows.device, "the logit rows [B, L]").view(-1),
+        _row_labels(ctx, weight.shape[0]) if with_ce else None, student_bias=bias,
+        temperature=runner.temperature, tail=runner.tail,
+        chunk_size=default_chunk_size(student_hidden.shape[0], weight.shape[0], student_hidden.device),
+        student_head=runner.head_transforms["student"], kd_weight=ctx.weights["logit"],
+        ce_weight=ctx.weights["ce"] if with_ce else 0.0, backend=_backend.resolve(student_hidden.device),
     )
     return WeightedLosses(parts.loss, {"logit": parts.kd, "ce": parts.ce} if with_ce else {"logit": parts.kd})
 

@@ -74,16 +74,27 @@ import torch
 from torch import nn
 
 from fastkd import _one_pass
-from fastkd._validation import VOCABS, check_choice, check_divergence, check_temperature, check_vocab
+from fastkd._validation import VOCABS, check_choice, check_divergence, check_tail, check_temperature, check_vocab
 from fastkd.fused_linear import check_head
+from fastkd.offline import OfflineTeacher
 from fastkd.runner import checkpoint
 from fastkd.runner.graphs import StageGraph, make_capturable, log
-from fastkd.runner.layer_map import resolve_layer_map
-from fastkd.runner.losses import PROJECTION_FIELDS, LossContext, WeightedLosses, registered_losses
+from fastkd.runner.layer_map import LayerMap, resolve_layer_map
+from fastkd.runner.losses import (
+    OFFLINE_FIELDS,
+    PROJECTION_FIELDS,
+    LossContext,
+    WeightedLosses,
+    logit_loss,
+    registered_losses,
+)
 from fastkd.runner.measure import StepMeter
 from fastkd.runner.metrics import FiniteWatch, Metrics, NonFiniteLossError
 from fastkd.runner.models import ModelAdapter, TransformersAdapter, as_adapter
 from fastkd.runner.schedule import Schedule, Stage
+
+# what a loss's need asks of the teacher, for the offline teacher's refusal
+NEED_WORDS = {"hidden": "hidden states", "attention": "attention", "head": "LM-head input"}
 
 ATTENTION_MODES = ("qk", "maps", "relations")
 PROJECTIONS = tuple(PROJECTION_FIELDS)
@@ -118,6 +129,11 @@ class StageRunner:
 
     Args:
         student, teacher: transformers models (causal LMs, BERT) or :class:`ModelAdapter` instances.
+            ``teacher`` may also be an offline teacher: a :class:`fastkd.OfflineTeacher` (whose
+            manifest is checked against the student) or None, and the batches carry its stored
+            top-k (``teacher_ids``, ``teacher_logprobs`` ``[B, L, k]``, as ``OfflineTeacher``
+            yields them). Then no teacher runs and the schedule's stages may use only ``logit``
+            (``fastkd.fused_linear_sparse_kl`` on the student's head, with ``tail``) and ``ce``.
         schedule: the stages to run.
         optimizer: the user's optimizer over the student's parameters; the runner adds its
             projections to it as a new parameter group.
@@ -127,6 +143,8 @@ class StageRunner:
         divergence: the logit loss's divergence of each row, as ``fastkd.logit_kl``'s:
             ``"forward"`` (``T^2 KL(p_t || p_s)``), ``"reverse"``, ``"jsd"`` or ``"tvd"``.
         beta: ``"jsd"``'s mixing weight, in (0, 1) (None: 0.5); only with ``divergence="jsd"``.
+        tail: an offline teacher's ``tail`` (``fastkd.sparse_logit_kl``): ``"renormalize"`` or
+            ``"bucket"`` (``temperature=1``).
         vocab: ``"exact"`` (the LM heads must have one vocabulary size) or ``"common"`` (the logit
             loss compares the first ``min(V_s, V_t)`` rows of the heads, for vocabularies that
             differ by padding rows).
@@ -163,7 +181,7 @@ class StageRunner:
     def __init__(
         self,
         student: nn.Module | ModelAdapter,
-        teacher: nn.Module | ModelAdapter,
+        teacher: nn.Module | ModelAdapter | OfflineTeacher | None,
         schedule: Schedule,
         optimizer: torch.optim.Optimizer,
         *,
@@ -172,6 +190,7 @@ class StageRunner:
         divergence: str = "forward",
         beta: float | None = None,
         vocab: str = "exact",
+        tail: str = "renormalize",
         attention: str | None = None,
         relation_heads: int | None = None,
         relation_projections: Sequence[str] | None = None,
@@ -203,16 +222,23 @@ class StageRunner:
             attention, relation_heads, relation_projections
         )
         self.student = as_adapter(student, "student")
-        self.teacher = as_adapter(teacher, "teacher")
+        # An offline teacher: the OfflineTeacher given (or None): self.teacher is then None.
+        self.offline = teacher is None or isinstance(teacher, OfflineTeacher)
+        self.offline_teacher = teacher if isinstance(teacher, OfflineTeacher) else None
+        self.teacher = None if self.offline else as_adapter(teacher, "teacher")
         self.schedule = schedule
         self.optimizer = optimizer
         self.temperature = check_temperature(temperature)
         # As the logit kernels read them: beta is jsd's (0.5 when None), 0.0 (unread) for the others.
         self.divergence, self.beta = check_divergence(divergence, beta)
         self.vocab = check_choice("vocab", vocab, VOCABS)
+        self.tail = check_tail(tail, self.temperature)
         # The losses registered now, name -> StageLoss: what the schedule's names mean for this runner.
         self.losses = registered_losses()
-        self.layer_map = resolve_layer_map(layer_map, self.student.num_layers, self.teacher.num_layers)
+        if self.offline:
+            self.layer_map = LayerMap(hidden=(), attention=())
+        else:
+            self.layer_map = resolve_layer_map(layer_map, self.student.num_layers, self.teacher.num_layers)
         self.checkpoint_dir = checkpoint_dir
         self.checkpoint_every = checkpoint_every
         self.pad_to = pad_to
@@ -228,6 +254,8 @@ class StageRunner:
         for name in dict.fromkeys(name for stage in schedule for name in stage.losses):
             for need in self.losses[name].needs:
                 needed_by.setdefault(need, []).append(name)
+        if self.offline:
+            self._check_offline(needed_by)
         # How 'att' is computed (the constructor's `attention`, resolved) and its relation options.
         self.attention = self._check_attention(attention, needed_by.get("attention"))
         self.relation_heads = relation_heads
@@ -333,6 +361,29 @@ class StageRunner:
                         f"dividing the widths of relation_projections={self.relation_projections} in both models"
                     )
 
+    def _check_offline(self, needed_by: dict[str, list[str]]) -> None:
+        """An offline teacher gives the logit loss only: no stage may need its hidden states,
+        attention or head input beyond the built-in ``logit``; the divergence is forward KL; the
+        student matches the teacher's manifest."""
+        live = {need: needed_by[need] for need in ("hidden", "attention") if need in needed_by}
+        heads = [name for name in needed_by.get("head", []) if self.losses[name].fn is not logit_loss]
+        if heads:
+            live["head"] = heads
+        if live:
+            users = sorted({name for names in live.values() for name in names})
+            raise ValueError(
+                f"teacher: the schedule's {', '.join(map(repr, users))} need a live teacher (its "
+                f"{', '.join(NEED_WORDS[need] for need in live)}), but the teacher is offline (stored top-k "
+                "log-probabilities); an offline teacher gives 'logit' (and 'ce') only"
+            )
+        if "head" in needed_by and self.divergence != "forward":
+            raise ValueError(
+                f"divergence: an offline teacher's logit loss is the forward KL of its stored top-k "
+                f"(fastkd.sparse_logit_kl), got divergence={self.divergence!r}"
+            )
+        if self.offline_teacher is not None:
+            self.offline_teacher.check_student(self.student.module)
+
     def _check_heads(self, needed_by: dict[str, list[str]]) -> dict[str, tuple[float, float | None]]:
         """Check the LM heads the losses need (``"head"``: both models', ``"student_head"``: the
         student's): they exist, their vocabularies agree as ``vocab`` says and both models are causal
@@ -341,12 +392,12 @@ class StageRunner:
                  "teacher": needed_by.get("head", [])}
         transforms = {}
         for role, model in (("student", self.student), ("teacher", self.teacher)):
-            if not users[role]:
+            if not users[role] or model is None:
                 continue
             model.lm_head()  # raises where there is none
             scale, softcap = model.head_transform()
             transforms[role] = check_head(role, scale, softcap)
-        if "head" in needed_by:
+        if "head" in needed_by and self.teacher is not None:
             prefix = ", ".join(needed_by["head"])
             try:
                 check_vocab(self.vocab, self.student.lm_head()[0].shape[0], self.teacher.lm_head()[0].shape[0],
@@ -393,9 +444,10 @@ class StageRunner:
         whose losses need the attention."""
         uses_att = "attention" in self._needs(self.schedule[self._stage_index])
         self.student.set_attention_maps(uses_att)
-        self.teacher.set_attention_maps(uses_att)
         self.student.module.train()
-        self.teacher.module.eval()
+        if self.teacher is not None:
+            self.teacher.set_attention_maps(uses_att)
+            self.teacher.module.eval()
 
     def _enter_stage(self, index: int) -> None:
         needs = self._needs(self.schedule[index])
@@ -414,7 +466,8 @@ class StageRunner:
                 head_input=head_input,
                 attention_inputs=inputs,
             )
-            for side, head_input in ((0, bool(needs & {"head", "student_head"})), (1, "head" in needs))
+            for side, head_input in ((0, bool(needs & {"head", "student_head"})),
+                                     (1, "head" in needs and self.teacher is not None))
         )
         self._graph = None
         if self.graph_reason is None:
@@ -482,6 +535,14 @@ class StageRunner:
         if "attention_mask" not in prepared:
             prepared["attention_mask"] = torch.ones_like(prepared["input_ids"])
         stage = self.schedule[self._stage_index]
+        if self.offline and "head" in self._needs(stage):
+            missing = [name for name in OFFLINE_FIELDS if name not in prepared]
+            if missing:
+                raise ValueError(
+                    f"batch: stage {stage.name!r} has 'logit' from an offline teacher, which needs the batch's "
+                    f"{', '.join(map(repr, OFFLINE_FIELDS))} (as fastkd.OfflineTeacher yields them), but it has no "
+                    f"{', '.join(map(repr, missing))}"
+                )
         if "labels" not in prepared and "labels" in self._needs(stage):
             needing = [name for name in stage.losses if "labels" in self.losses[name].needs]
             raise ValueError(
