@@ -7,6 +7,8 @@
   TRL's ``generalized_jsd_loss`` computes it, times ``T^2``);
 - :func:`logit_kl_ce`: :func:`logit_kl` plus ``ce_weight * F.cross_entropy`` of the student on the
   labels of the valid rows;
+- :func:`sparse_logit_kl`: a stored top-k teacher against the student's full logits (DistillKit's
+  renormalised top-k formula): ``T^2 * sum_i m_i * sum_j p_ij (log p_ij - log q_i[id_ij]) / n``;
 - :func:`hidden_mse`: mean over layer pairs of ``F.mse_loss(s, t)``, or with a mask of
   ``sum_i m_i * mean_d (s_i - t_i)^2 / n``;
 - :func:`attention_kl`: mean over layer pairs of ``sum_{b,h,i} m_bi * KL(p_bhi || q_bhi) / (H * n)``
@@ -66,6 +68,18 @@ def logit_kl_ce(student, teacher, mask, temperature, labels, ce_weight) -> torch
     targets = torch.where(mask, labels, -100)
     ce = F.cross_entropy(student.flatten(0, -2), targets.flatten(), ignore_index=-100)
     return logit_kl(student, teacher, mask, temperature) + ce_weight * ce
+
+
+def sparse_logit_kl(student, teacher_ids, teacher_logprobs, mask, temperature) -> torch.Tensor:
+    """``T^2 * masked mean over rows of sum_j p_j (log p_j - log q_{id_j})``, ``p`` the softmax of
+    the stored log-probabilities over the k ids, ``q = softmax(s / T)`` over the whole vocabulary;
+    padding ids (-1, log-probability -inf) have ``p = 0``."""
+    log_q = F.log_softmax(student.float() / temperature, dim=-1)
+    stored = teacher_ids >= 0
+    log_q_ids = log_q.gather(-1, teacher_ids.clamp_min(0).long())
+    log_p = F.log_softmax(teacher_logprobs.float().masked_fill(~stored, -torch.inf) / temperature, dim=-1)
+    kl = (log_p.exp() * torch.where(stored, log_p - log_q_ids, 0)).sum(-1)
+    return masked_mean(kl, mask) * temperature**2
 
 
 def hidden_mse(

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fastkd.bench import harness
+from fastkd.bench import harness, sparse_cases
 from fastkd.bench.cases import select_cases
 from fastkd.cli import main
 
@@ -309,3 +309,18 @@ def test_cpu_rounds_rotate_the_order_of_the_steps():
     times = time_cpu(steps, reps=3)
     assert {name: len(t) for name, t in times.items()} == {"a": 3, "b": 3, "c": 3}
     assert calls == ["a", "b", "c", "b", "c", "a", "c", "a", "b"]
+
+
+def test_sparse_cases_at_tiny_size():
+    """The offline-teacher cases run and pass the check against DistillKit's eager formula (and the
+    dense fused-linear case against its materialised formula); their floors count the student's
+    GEMMs only (the dense case adds the teacher's)."""
+    ops = ["fused_linear_sparse_kl", "fused_linear_kl_dense", "sparse_logit_kl"]
+    cases = select_cases("cpu", "tiny", ops=ops, impls=["fastkd", "torch"])
+    assert [c.op for c in cases] == ops
+    (n, d, v, k), _ = sparse_cases.SIZES["cpu"]["tiny"]
+    assert [c.flops for c in cases] == [6 * n * d * v, 8 * n * d * v, 0]
+    results = harness.run_cases(cases, reps=1, progress=lambda message: None)
+    assert {(row["op"], row["impl"]) for row in results["rows"]} == {(op, i) for op in ops for i in ("torch", "fastkd")}
+    for row in results["rows"]:
+        assert row["max_err"] <= row["tolerance"] and row["time_ms"] > 0

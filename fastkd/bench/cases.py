@@ -3,7 +3,8 @@
 A :class:`Case` is one operation at one size on one device, with the implementations to compare.
 This module defines the cases of the three losses and of ``attention_kl_qk`` (below, with their own
 implementations) and, at its end, adds the ``CASES`` lists of the modules
-``fastkd.bench.divergence_cases``, ``fastkd.bench.fused_linear_cases`` and ``fastkd.bench.runner_cases``.
+``fastkd.bench.divergence_cases``, ``fastkd.bench.fused_linear_cases``, ``fastkd.bench.sparse_cases``
+and ``fastkd.bench.runner_cases``.
 
 Implementations of the losses, each computing forward and (through the harness) backward:
 
@@ -572,10 +573,10 @@ def qk_cases(device: str, size: str) -> list[Case]:
 
 
 def extra_cases() -> list[Case]:
-    # Imported here: both modules import this one.
-    from fastkd.bench import divergence_cases, fused_linear_cases, runner_cases
+    # Imported here: those modules import this one.
+    from fastkd.bench import divergence_cases, fused_linear_cases, runner_cases, sparse_cases
 
-    return divergence_cases.CASES + fused_linear_cases.CASES + runner_cases.CASES
+    return divergence_cases.CASES + fused_linear_cases.CASES + sparse_cases.CASES + runner_cases.CASES
 
 
 def select_cases(
