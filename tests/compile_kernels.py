@@ -85,7 +85,9 @@ ACC_DTYPE_PAIRS = [(torch.bfloat16, torch.bfloat16), (torch.float64, torch.float
 # one row over blocks; logit_kl's other divergences and its labels (a cross-entropy with its
 # gradient), each divergence over both tiles, with and without a mask. attention_kl_qk: L=20 one
 # 32-row tile, L=100 two 64-row tiles (four 32-row tiles for float64); head widths 16/24 (24 padded
-# to 32), grouped-query attention on both sides (H=4, H_kv 2 and 1)
+# to 32), grouped-query attention on both sides (H=4, H_kv 2 and 1). sparse_logit_kl: each tail over
+# both tiles (k = 8 stored entries per row, the teacher's dtype that of the stored log-probabilities),
+# and with labels (their cross-entropy is a second pass against a one-entry teacher)
 BOTH = (False, True)
 LOSSES = [
     ("logit_kl", {"vocab": 100}, BOTH, DTYPE_PAIRS), ("logit_kl", {"vocab": 5000}, BOTH, DTYPE_PAIRS),
@@ -97,15 +99,19 @@ LOSSES = [
     ("attention_kl", {"kind": "scores"}, BOTH, DTYPE_PAIRS),
     ("attention_kl_qk", {"length": 20, "causal": False}, BOTH, DTYPE_PAIRS),
     ("attention_kl_qk", {"length": 100, "causal": True}, BOTH, DTYPE_PAIRS),
+    *(("sparse_logit_kl", {"vocab": vocab, "tail": tail}, BOTH, DTYPE_PAIRS)
+      for vocab in (100, 5000) for tail in ("renormalize", "bucket")),
+    ("sparse_logit_kl", {"vocab": 100, "tail": "bucket", "labelled": True}, (True,), ACC_DTYPE_PAIRS),
 ]
 PASSES = ("two", "auto")  # "auto": the one-pass kernels where a loss has them
 
 
 def run_loss(loss: str, s_dtype: torch.dtype, t_dtype: torch.dtype, masked: bool, vocab=None, kind=None,
-             length=None, causal=False, divergence="forward", labelled=False) -> None:
+             length=None, causal=False, divergence="forward", labelled=False, tail=None) -> None:
     """One loss, forward and backward (upstream gradient 2), on small CPU tensors of the given dtypes;
-    ``labelled``: logit_kl with labels (one ignored) and a cross-entropy weight, so that its gradient
-    reaches the kernels too."""
+    ``labelled``: logit_kl or sparse_logit_kl with labels (one ignored) and a cross-entropy weight, so
+    that its gradient reaches the kernels too. sparse_logit_kl's teacher: 8 stored entries per row,
+    some padding, log-probabilities of ``t_dtype``."""
     if loss == "attention_kl_qk":
         query_s = torch.rand((2, 4, length, 16), dtype=s_dtype, requires_grad=True)
         key_s = torch.rand((2, 2, length, 16), dtype=s_dtype, requires_grad=True)
@@ -113,7 +119,7 @@ def run_loss(loss: str, s_dtype: torch.dtype, t_dtype: torch.dtype, masked: bool
         mask = torch.ones((2, length), dtype=torch.bool) if masked else None
         (2 * fastkd.attention_kl_qk(query_s, key_s, query_t, key_t, mask=mask, causal=causal)).backward()
         return
-    if loss == "logit_kl":
+    if loss in ("logit_kl", "sparse_logit_kl"):
         shapes, mask_shape = [(2, 3, vocab)], (2, 3)
     elif loss == "hidden_mse":
         shapes, mask_shape = [(2, 3, 40), (2, 3, 5000)], (2, 3)
@@ -122,13 +128,19 @@ def run_loss(loss: str, s_dtype: torch.dtype, t_dtype: torch.dtype, masked: bool
     s = [torch.rand(shape, dtype=s_dtype, requires_grad=True) for shape in shapes]
     t = [torch.rand(shape, dtype=t_dtype) for shape in shapes]
     mask = torch.ones(mask_shape, dtype=torch.bool) if masked else None
+    options = {}
+    if labelled:
+        labels = torch.randint(0, vocab, mask_shape)
+        labels[0, 0] = -100
+        options.update(labels=labels, ce_weight=0.5)
     if loss == "logit_kl":
-        options = {"divergence": divergence, "beta": 0.3 if divergence == "jsd" else None}
-        if labelled:
-            labels = torch.randint(0, vocab, mask_shape)
-            labels[0, 0] = -100
-            options.update(labels=labels, ce_weight=0.5)
+        options.update(divergence=divergence, beta=0.3 if divergence == "jsd" else None)
         value = fastkd.logit_kl(s[0], t[0], temperature=2.0, mask=mask, **options)
+    elif loss == "sparse_logit_kl":
+        logprobs, ids = t[0].log_softmax(-1).topk(8, dim=-1)
+        ids[0, 0, 5:] = -1  # padding
+        temperature = 1.0 if tail == "bucket" else 2.0
+        value = fastkd.sparse_logit_kl(s[0], ids, logprobs, temperature=temperature, mask=mask, tail=tail, **options)
     elif loss == "hidden_mse":
         value = fastkd.hidden_mse(s, t, mask=mask)
     else:

@@ -132,15 +132,19 @@ def test_attention_stats_and_rows_that_contribute_nothing(device):
 
 
 def run_every_loss(device):
-    """Forward and backward of each loss (each attention kind, and from queries and keys) on small
-    tensors of ``device``, two-pass and one-pass (backward under an upstream gradient of 2, so that
-    the one-pass gradient is scaled)."""
+    """Forward and backward of each loss (each attention kind, from queries and keys, the sparse
+    teacher's two tails) on small tensors of ``device``, two-pass and one-pass (backward under an
+    upstream gradient of 2, so that the one-pass gradient is scaled)."""
     s = torch.randn(2, 3, 50, device=device, requires_grad=True)
     t = torch.randn(2, 3, 50, device=device)
     for passes in ("two", "auto"):
         fastkd.set_passes(passes)
         try:
             (2 * fastkd.logit_kl(s, t, temperature=2.0)).backward()
+            ids = torch.tensor([3, 49, -1], device=device).expand(2, 3, 3)
+            logprobs = torch.tensor([-0.5, -1.5, -3.0], device=device).expand(2, 3, 3)
+            for tail in ("renormalize", "bucket"):
+                (2 * fastkd.sparse_logit_kl(s, ids, logprobs, tail=tail)).backward()
             (2 * fastkd.hidden_mse([s, s[:, :2]], [t, t[:, :2]])).backward()
             for kind in ("probs", "scores"):
                 maps = torch.softmax(torch.randn(2, 2, 4, 4, device=device), -1).requires_grad_()

@@ -35,7 +35,7 @@ def test_every_kernel_compiles_for_each_architecture():
     assert result.returncode == 0, result.stderr[-6000:]
     compiled = [json.loads(line) for line in result.stdout.splitlines()]
     kernels = {name for name in vars(triton_backend) if name.endswith("_kernel")}
-    assert len(kernels) == 9
+    assert len(kernels) == 11
     flags = ("True", "False")
     for arch in ARCHS:
         of_arch = [entry for entry in compiled if entry["arch"] == arch]
@@ -75,6 +75,16 @@ def test_every_kernel_compiles_for_each_architecture():
                 ("_logit_backward_kernel", *pair, divergence, None, None, labels),
             )
         }
+        # the sparse (top-k teacher) kernels: both tails, each direction, over every student dtype
+        sparse = {(entry["kernel"], entry["signature"]["p_s"], entry["constants"].get("TAIL"),
+                   entry["constants"].get("GRAD")) for entry in of_arch if entry["kernel"].startswith("_sparse")}
+        assert sparse >= {
+            variant
+            for dtype in ("*fp32", "*bf16", "*fp16", "*fp64") for tail in ("renormalize", "bucket")
+            for variant in (("_sparse_forward_kernel", dtype, tail, "False"), ("_sparse_forward_kernel", dtype, tail, "True"),
+                            ("_sparse_backward_kernel", dtype, tail, None))
+        }
+        assert {entry["signature"]["p_ids"] for entry in of_arch if entry["kernel"].startswith("_sparse")} == {"*i64"}
         labelled = {entry["signature"]["p_labels"] for entry in of_arch if "True" in
                     (entry["constants"].get("HAS_LABELS"), entry["constants"].get("CE_GRAD"))}
         assert labelled == {"*i64"}

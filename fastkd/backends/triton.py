@@ -464,6 +464,241 @@ def logit_forward_with_grad(student, teacher, mask, temperature, divergence, bet
     return rows, ce_rows, grad
 
 
+# ---------------------------------------------------------------------------------------- sparse
+#
+# A teacher stored as its top-k log-probabilities l_j at T = 1 at ids id_j (``-1``: padding, not
+# stored; J the stored entries, K of them per row at most). Per row, s' = s / T, log q = s' - lse(s')
+# over the V columns; TAIL (a string constexpr) picks the row value r and the gradient
+# grad = grad_rows * (a q + scatter_j b_j), b_j = w q_{id_j} - c p_j:
+#     "renormalize": lse_t = lse_J(l / T), p_j = exp(l_j / T - lse_t),
+#                    r = T^2 sum_{J, p_j > 0} p_j (log p_j - log q_{id_j});  a = c = T, w = 0
+#     "bucket":      lse_t = lse_J(l), p_j = exp(l_j), P = sum_J p_j, Q = sum_J q_{id_j},
+#                    p_tail = max(1 - P, 0), q_tail = 1 - Q,
+#                    r = sum_{J, p_j > 0} p_j (l_j - log q_{id_j})
+#                        + p_tail (log p_tail - log max(q_tail, TINY))   (a tail, |J| < V, and p_tail > 0)
+#                    w = p_tail / q_tail (a tail and q_tail > TINY; else 0), a = P - w Q, c = 1
+# A row contributes nothing when it is masked or lse_t = -inf. stats, float64 [2, R]: lse(s'), lse_t.
+# ``b_l`` is a block of the teacher's log-probabilities as the softmax takes them (l / T for
+# "renormalize", l for "bucket"), -inf where nothing is stored.
+
+
+@triton.jit
+def _sparse_entries(p_ids, p_logprobs, o_r, m_rows, start, K, inv_t, TAIL: tl.constexpr, ACC: tl.constexpr,
+                    BLOCK_K: tl.constexpr):
+    """(ids, m_stored, b_l) of the stored entries ``start .. start + BLOCK_K`` of rows ``o_r`` (only
+    rows ``m_rows`` read): their ids, whether they are stored (id >= 0), and b_l."""
+    o_k = start + tl.arange(0, BLOCK_K)
+    o_e = o_r[:, None] * K + o_k[None, :]
+    ids = tl.load(p_ids + o_e, mask=m_rows[:, None] & (o_k < K)[None, :], other=-1)
+    m_stored = ids >= 0
+    b_l = tl.load(p_logprobs + o_e, mask=m_stored, other=float("-inf")).to(ACC)
+    if TAIL == "renormalize":
+        b_l = b_l * inv_t
+    return ids, m_stored, tl.where(m_stored, b_l, float("-inf"))
+
+
+@triton.jit
+def _sparse_probs(p_s, o_s, ids, m_stored, b_l, lse_s_hi, lse_s_lo, lse_t_hi, lse_t_lo, inv_t,
+                  TAIL: tl.constexpr, ACC: tl.constexpr):
+    """(q, p, log p - log q) at the stored entries, s' gathered at the ids, the rows' lses as (hi, lo);
+    q and p are 0 where nothing is stored. "renormalize" takes the lses' difference first (no
+    rounding at their magnitude): log p - log q = (l' - s') - (lse_t - lse_s)."""
+    b_s = tl.load(p_s + o_s[:, None] + ids, mask=m_stored, other=0.0).to(ACC) * inv_t
+    b_lq = (b_s - lse_s_hi[:, None]) - lse_s_lo[:, None]
+    if TAIL == "renormalize":
+        b_lp = (b_l - lse_t_hi[:, None]) - lse_t_lo[:, None]
+        b_lr = (b_l - b_s) - ((lse_t_hi - lse_s_hi) + (lse_t_lo - lse_s_lo))[:, None]
+    else:
+        b_lp = b_l
+        b_lr = b_l - b_lq
+    return tl.where(m_stored, tl.exp(b_lq), 0.0), tl.where(m_stored, tl.exp(b_lp), 0.0), b_lr
+
+
+@triton.jit
+def _sparse_rows(
+    p_s, p_ids, p_logprobs, o_r, o_s, m_kd, V, K, lse_s, lse_t, temperature, TAIL: tl.constexpr,
+    ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """(r, a, w) of the section's notes on rows ``m_kd`` (r = 0 elsewhere), from one pass over the
+    rows' stored entries once their float64 lses are known."""
+    inv_t = _scalar(1.0 / temperature, ACC)
+    lse_s_hi, lse_s_lo = _split_lse(lse_s, ACC)
+    lse_t_hi, lse_t_lo = _split_lse(lse_t, ACC)
+    r = tl.zeros([BLOCK_R], ACC)  # sum_{J, p_j > 0} p_j (log p_j - log q_{id_j})
+    P = tl.zeros([BLOCK_R], ACC)
+    Q = tl.zeros([BLOCK_R], ACC)
+    n_stored = tl.zeros([BLOCK_R], tl.int64)
+    for start in range(0, _column_bound(m_kd, K), BLOCK_K):
+        ids, m_stored, b_l = _sparse_entries(p_ids, p_logprobs, o_r, m_kd, start, K, inv_t, TAIL, ACC, BLOCK_K)
+        b_q, b_p, b_lr = _sparse_probs(p_s, o_s, ids, m_stored, b_l, lse_s_hi, lse_s_lo, lse_t_hi, lse_t_lo,
+                                       inv_t, TAIL, ACC)
+        r += tl.sum(tl.where(b_p > 0, b_p * b_lr, 0.0), 1)
+        P += tl.sum(b_p, 1)
+        Q += tl.sum(b_q, 1)
+        n_stored += tl.sum(m_stored.to(tl.int64), 1)
+    if TAIL == "renormalize":
+        a = tl.full([BLOCK_R], temperature, ACC)
+        r = r * _scalar(temperature * temperature, ACC)
+        w = tl.zeros([BLOCK_R], ACC)
+    else:
+        p_tail = tl.maximum(1.0 - P, 0.0)
+        q_tail = 1.0 - Q
+        has_tail = n_stored < V
+        tail = p_tail * (tl.log(tl.where(p_tail > 0, p_tail, 1.0)) - tl.log(tl.maximum(q_tail, TINY)))
+        r += tl.where(has_tail & (p_tail > 0), tail, 0.0)
+        w = tl.where(has_tail & (q_tail > TINY), _div(p_tail, tl.where(q_tail > TINY, q_tail, 1.0)), 0.0)
+        a = P - w * Q
+    return tl.where(m_kd, r, 0.0), a, w
+
+
+@triton.jit
+def _sparse_grad(
+    p_s, p_ids, p_logprobs, p_grad_rows, p_grad, o_r, o_s, m_rows, m_kd, V, K, lse_s, lse_t, a, w, temperature,
+    TAIL: tl.constexpr, ACC: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """grad = grad_rows * (a q + scatter_j b_j), b_j = w q_{id_j} - c p_j, on rows ``o_r`` (0 on rows
+    not ``m_kd``): ``grad_rows * a q`` over the rows' V columns, then, once those stores are done,
+    the entries at the stored ids rewritten as ``grad_rows * ((a + w) q_{id_j} - c p_j)`` (from
+    the gathered s, not from the rounded stored gradient)."""
+    inv_t = _scalar(1.0 / temperature, ACC)
+    if TAIL == "renormalize":
+        c = _scalar(temperature, ACC)
+    else:
+        c = _scalar(1.0, ACC)
+    lse_s_hi, lse_s_lo = _split_lse(lse_s, ACC)
+    lse_t_hi, lse_t_lo = _split_lse(lse_t, ACC)
+    b_scale = tl.load(p_grad_rows + o_r, mask=m_kd, other=0.0).to(ACC)  # [BLOCK_R]
+    for start in range(0, V, BLOCK_C):
+        o_v = start + tl.arange(0, BLOCK_C)
+        m_cols = (o_v < V)[None, :]
+        m_load = m_kd[:, None] & m_cols
+        b_s = tl.load(p_s + o_s[:, None] + o_v[None, :], mask=m_load, other=float("-inf")).to(ACC) * inv_t
+        b_q = tl.exp((b_s - lse_s_hi[:, None]) - lse_s_lo[:, None])
+        b_g = tl.where(m_load, (b_scale * a)[:, None] * b_q, 0.0)
+        tl.store(p_grad + o_r[:, None] * V + o_v[None, :], b_g.to(p_grad.dtype.element_ty), mask=m_rows[:, None] & m_cols)
+    tl.debug_barrier()  # the dense stores above land before the entries at the ids are rewritten
+    for start in range(0, _column_bound(m_kd, K), BLOCK_K):
+        ids, m_stored, b_l = _sparse_entries(p_ids, p_logprobs, o_r, m_kd, start, K, inv_t, TAIL, ACC, BLOCK_K)
+        b_q, b_p, _ = _sparse_probs(p_s, o_s, ids, m_stored, b_l, lse_s_hi, lse_s_lo, lse_t_hi, lse_t_lo, inv_t,
+                                    TAIL, ACC)
+        b_g = b_scale[:, None] * ((a + w)[:, None] * b_q - c * b_p)
+        tl.store(p_grad + o_r[:, None] * V + ids, b_g.to(p_grad.dtype.element_ty), mask=m_stored)
+
+
+@triton.jit
+def _sparse_forward_kernel(
+    p_s, p_ids, p_logprobs, p_mask, p_rows, p_stats, p_grad_rows, p_grad, n_rows, R1, V, K, stride0_s, stride1_s,
+    temperature: tl.float64, TAIL: tl.constexpr, GRAD: tl.constexpr, HAS_MASK: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """rows = r (the section's notes) and stats = (lse(s'), lse_t); with GRAD, the gradient of
+    ``_sparse_grad`` instead of the stats. lse_t comes from a pass over the tile's stored entries,
+    lse(s') from one over its columns (rows that contribute nothing read none), r from a second
+    pass over the entries, the gradient from a second pass over the columns (from L2 on a GPU
+    where the tile is still there)."""
+    inv_t = _scalar(1.0 / temperature, ACC)
+    o_r, m_rows, m_valid = _row_tile(n_rows, p_mask, HAS_MASK, BLOCK_R)
+    o_s = (o_r // R1) * stride0_s + (o_r % R1) * stride1_s  # [BLOCK_R]
+    max_t = tl.full([BLOCK_R], float("-inf"), ACC)
+    sum_t = tl.zeros([BLOCK_R], ACC)
+    for start in range(0, _column_bound(m_valid, K), BLOCK_K):
+        _, _, b_l = _sparse_entries(p_ids, p_logprobs, o_r, m_valid, start, K, inv_t, TAIL, ACC, BLOCK_K)
+        max_t, sum_t, _, _ = _online_lse(max_t, sum_t, b_l)
+    lse_t = _lse_from_online(max_t, sum_t)  # -inf on rows without a stored entry of finite l, or not valid
+    m_kd = m_valid & (lse_t > float("-inf"))
+    max_s = tl.full([BLOCK_R], float("-inf"), ACC)
+    sum_s = tl.zeros([BLOCK_R], ACC)
+    for start in range(0, _column_bound(m_kd, V), BLOCK_C):
+        o_v = start + tl.arange(0, BLOCK_C)
+        m_load = m_kd[:, None] & (o_v < V)[None, :]
+        b_s = tl.load(p_s + o_s[:, None] + o_v[None, :], mask=m_load, other=float("-inf")).to(ACC) * inv_t
+        max_s, sum_s, _, _ = _online_lse(max_s, sum_s, b_s)
+    lse_s = tl.where(m_kd, _lse_from_online(max_s, sum_s), float("-inf"))
+    r, a, w = _sparse_rows(p_s, p_ids, p_logprobs, o_r, o_s, m_kd, V, K, lse_s, lse_t, temperature, TAIL, ACC,
+                           BLOCK_R, BLOCK_K)
+    tl.store(p_rows + o_r, r, mask=m_rows)
+    if GRAD:
+        _sparse_grad(p_s, p_ids, p_logprobs, p_grad_rows, p_grad, o_r, o_s, m_rows, m_kd, V, K, lse_s, lse_t, a, w,
+                     temperature, TAIL, ACC, BLOCK_C, BLOCK_K)
+    else:
+        tl.store(p_stats + o_r, lse_s, mask=m_rows)
+        tl.store(p_stats + n_rows + o_r, lse_t, mask=m_rows)
+
+
+@triton.jit
+def _sparse_backward_kernel(
+    p_s, p_ids, p_logprobs, p_mask, p_stats, p_grad_rows, p_grad, n_rows, R1, V, K, stride0_s, stride1_s,
+    temperature: tl.float64, TAIL: tl.constexpr, HAS_MASK: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """The gradient of ``_sparse_grad`` from the forward's stats (lse(s'), lse_t); "bucket" recomputes
+    P, Q and w from a pass over the stored entries. 0 on rows that contribute nothing."""
+    o_r, m_rows, m_valid = _row_tile(n_rows, p_mask, HAS_MASK, BLOCK_R)
+    o_s = (o_r // R1) * stride0_s + (o_r % R1) * stride1_s  # [BLOCK_R]
+    lse_s = tl.load(p_stats + o_r, mask=m_rows, other=float("-inf"))
+    lse_t = tl.load(p_stats + n_rows + o_r, mask=m_rows, other=float("-inf"))
+    m_kd = m_valid & (lse_t > float("-inf"))
+    if TAIL == "renormalize":
+        a = tl.full([BLOCK_R], temperature, ACC)
+        w = tl.zeros([BLOCK_R], ACC)
+    else:
+        _, a, w = _sparse_rows(p_s, p_ids, p_logprobs, o_r, o_s, m_kd, V, K, lse_s, lse_t, temperature, TAIL, ACC,
+                               BLOCK_R, BLOCK_K)
+    _sparse_grad(p_s, p_ids, p_logprobs, p_grad_rows, p_grad, o_r, o_s, m_rows, m_kd, V, K, lse_s, lse_t, a, w,
+                 temperature, TAIL, ACC, BLOCK_C, BLOCK_K)
+
+
+def _sparse_tile(rows: int, cols: int, k: int) -> dict:
+    """The logit kernels' tile, with BLOCK_K stored entries per row at a time (at most BLOCK_C)."""
+    tile = _tile("logit", rows, cols)
+    return {**tile, "BLOCK_K": min(triton.next_power_of_2(k), tile["BLOCK_C"])}
+
+
+def _sparse_forward(student, ids, logprobs, mask, temperature, tail, stats, grad_rows, grad):
+    """rows of ``_sparse_forward_kernel``, which also fills ``stats``, or with ``grad``, the gradient."""
+    r0, r1, vocab = student.shape
+    n_rows = r0 * r1
+    rows = torch.empty(n_rows, dtype=logprobs.dtype, device=student.device)
+    if n_rows:
+        tile = _sparse_tile(n_rows, vocab, ids.shape[1])
+        _sparse_forward_kernel[(triton.cdiv(n_rows, tile["BLOCK_R"]),)](
+            student, ids, logprobs, mask, rows, stats, grad_rows, grad, n_rows, r1, vocab, ids.shape[1],
+            *student.stride()[:2], temperature, TAIL=tail, GRAD=grad is not None, HAS_MASK=mask is not None,
+            ACC=_tl(logprobs.dtype), **tile,
+        )
+    return rows
+
+
+@_on_inputs_device
+def sparse_forward(student, ids, logprobs, mask, temperature, tail):
+    """(rows, stats): the divergence from the stored teacher per row, stats = (lse(s / T), lse_t)."""
+    stats = torch.empty(2, student.shape[0] * student.shape[1], dtype=torch.float64, device=student.device)
+    return _sparse_forward(student, ids, logprobs, mask, temperature, tail, stats, None, None), stats
+
+
+@_on_inputs_device
+def sparse_backward(student, ids, logprobs, mask, temperature, tail, stats, grad_rows):
+    """grad = grad_rows * (a q + scatter_j b_j), 0 on rows that contribute nothing."""
+    r0, r1, vocab = student.shape
+    n_rows = r0 * r1
+    grad = torch.empty(student.shape, dtype=student.dtype, device=student.device)
+    if n_rows:
+        tile = _sparse_tile(n_rows, vocab, ids.shape[1])
+        _sparse_backward_kernel[(triton.cdiv(n_rows, tile["BLOCK_R"]),)](
+            student, ids, logprobs, mask, stats, grad_rows, grad, n_rows, r1, vocab, ids.shape[1],
+            *student.stride()[:2], temperature, TAIL=tail, HAS_MASK=mask is not None, ACC=_tl(logprobs.dtype),
+            **tile,
+        )
+    return grad
+
+
+@_on_inputs_device
+def sparse_forward_with_grad(student, ids, logprobs, mask, temperature, tail, grad_rows):
+    """(rows of ``sparse_forward``, grad of ``sparse_backward`` for ``grad_rows``) from one launch."""
+    grad = torch.empty(student.shape, dtype=student.dtype, device=student.device)
+    return _sparse_forward(student, ids, logprobs, mask, temperature, tail, None, grad_rows, grad), grad
+
+
 # ----------------------------------------------------------------------------------- pair tables
 
 
