@@ -102,10 +102,11 @@ over the whole vocabulary and ``J`` the row's stored entries (``ids >= 0``)::
                    w     = p_tail / q_tail where the tail exists and q_tail > TINY, else 0
                    grad  = grad_rows * (a q + scatter_j b_j),  a = P - w Q,  b_j = w q_{id_j} - p_j
 
-(``TINY`` = 1.1754944e-38, ``scatter_j b_j`` adds ``b_j`` at entry ``id_j``). A row contributes
-nothing when it is masked or ``lse_t = -inf`` (no stored entry with a finite log-probability).
-``stats`` is ``[2, R]``: ``lse(s')`` and ``lse_t``. The k-sized values (``p``, ``P``, ``Q``, ``w``)
-are recomputed from ``ids``, ``logprobs`` and the stats in backward.
+(``TINY``: float32's smallest normal number, ``fastkd._constants``; ``scatter_j b_j`` adds ``b_j``
+at entry ``id_j``). A row contributes nothing when it is masked or ``lse_t = -inf`` (no stored
+entry with a finite log-probability). ``stats`` is ``[2, R]``: ``lse(s')`` and ``lse_t``. The
+k-sized values (``p``, ``P``, ``Q``, ``w``) are recomputed from ``ids``, ``logprobs`` and the
+stats in backward.
 
 ``attention_qk_*`` take lists (layer pairs) of contiguous queries ``[B, H, L, d]`` and keys
 ``[B, H_kv, L, d]`` (``H % H_kv == 0``; query head ``h`` reads key head ``h // (H / H_kv)``), ``scales``
