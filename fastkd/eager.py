@@ -78,7 +78,8 @@ def sparse_logit_kl(student, teacher_ids, teacher_logprobs, mask, temperature) -
     stored = teacher_ids >= 0
     log_q_ids = log_q.gather(-1, teacher_ids.clamp_min(0).long())
     log_p = F.log_softmax(teacher_logprobs.float().masked_fill(~stored, -torch.inf) / temperature, dim=-1)
-    kl = (log_p.exp() * torch.where(stored, log_p - log_q_ids, 0)).sum(-1)
+    # a row with no stored entry (log_p NaN there) has p = 0 everywhere and contributes 0
+    kl = (torch.where(stored, log_p.exp(), 0) * torch.where(stored, log_p - log_q_ids, 0)).sum(-1)
     return masked_mean(kl, mask) * temperature**2
 
 

@@ -324,3 +324,16 @@ def test_sparse_cases_at_tiny_size():
     assert {(row["op"], row["impl"]) for row in results["rows"]} == {(op, i) for op in ops for i in ("torch", "fastkd")}
     for row in results["rows"]:
         assert row["max_err"] <= row["tolerance"] and row["time_ms"] > 0
+
+
+def test_runner_offline_case_at_tiny_size():
+    """A logit stage from the stored top-k against the live teacher's, each checked as its loss over
+    its own eager formula (DistillKit's for the offline one)."""
+    (case,) = select_cases("cpu", "tiny", ops=["runner_offline"])
+    assert case.reference == "live" and list(case.impls) == ["live", "offline"]
+    results = harness.run_cases([case], reps=1, progress=lambda message: None)
+    assert {row["impl"] for row in results["rows"]} == {"live", "offline"}
+    for row in results["rows"]:
+        assert row["max_err"] <= row["tolerance"] and row["time_ms"] > 0
+    ratios = case.impls["offline"](**case.make_inputs())
+    assert torch.allclose(ratios, torch.ones_like(ratios), atol=1e-4)

@@ -21,6 +21,11 @@ Models: Llama-style causal LMs (8 heads, MLP width 2.75x), teacher and student o
 ``layer_map="uniform"``, temperature 2. CPU runs set glibc's mmap threshold to 1 MiB
 (:func:`fastkd.runner.measure.fix_mmap_threshold`) so that the resident set follows the tensors.
 
+Offline teachers, op ``runner_offline``: a ``logit`` stage from stored top-64 log-probabilities
+(``OfflineStep``: no teacher model in memory during the timed steps) against the same stage with
+the live teacher, each returned as its loss over its own eager formula; the ``offline`` row's
+``speed-up`` and ``peak vs ref`` are against the live one.
+
 Long sequences (CPU; teacher 4 x 256, student 2 x 128, V=8000, batch 2, ``LONG_SIZES``), where the
 attention maps are what costs, with the runner's ``attention="qk"`` (the attention KL from queries
 and keys, ``fastkd.attention_kl_qk``, no ``[L, L]`` map):
@@ -186,6 +191,87 @@ def runner_case(preset: str, device: str, size: str, *, op: str = "runner", dims
 
 
 # --------------------------------------------------------------------------------------------
+# A logit stage from an offline teacher against the same stage with the live teacher.
+
+OFFLINE_K = 64
+
+
+class OfflineStep:
+    """One step of a ``{"logit": 1.0}`` stage of ``StageRunner`` from an offline teacher: the
+    teacher's top ``OFFLINE_K`` log-probabilities of the batch (``fastkd.topk_logprobs``) are
+    computed at the first call (the check's, not timed), then the teacher is dropped, so that the
+    timed steps hold only the student. Returns the step's loss over DistillKit's eager formula
+    (:func:`fastkd.eager.sparse_logit_kl`) on the student's full logits, computed at that first call
+    too: 1 where they agree (at learning rate 0 the weights do not move)."""
+
+    def __init__(self, size: tuple, device: str) -> None:
+        self.size, self.device = size, device
+        self.runner = self.stored = self.expected = None
+
+    def _build(self, batch: dict) -> None:
+        import fastkd
+        from fastkd import eager
+        from fastkd.runner import Schedule, Stage, StageRunner
+
+        (t_layers, t_width), (s_layers, s_width), vocab, _, dtype = self.size
+        torch.manual_seed(0)
+        teacher = _model(t_layers, t_width, vocab, self.device, dtype)
+        student = _model(s_layers, s_width, vocab, self.device, dtype)
+        with torch.no_grad():
+            ids, logprobs = fastkd.topk_logprobs(teacher(**batch).logits, OFFLINE_K)
+            valid = batch["attention_mask"] != 0
+            self.stored = {"teacher_ids": ids.masked_fill(~valid[..., None], -1).int(),
+                           "teacher_logprobs": logprobs.masked_fill(~valid[..., None], -torch.inf).half()}
+            logits = student(**batch).logits.flatten(0, 1)
+            self.expected = float(eager.sparse_logit_kl(
+                logits, self.stored["teacher_ids"].flatten(0, 1), self.stored["teacher_logprobs"].flatten(0, 1),
+                valid.flatten(), 2.0,
+            ))
+        del teacher
+        self.runner = StageRunner(
+            student, None, Schedule([Stage("logit", {"logit": 1.0}, 1 << 30)]),
+            torch.optim.AdamW(student.parameters(), lr=0.0), temperature=2.0, quiet=True, measure=True,
+            cuda_graphs=False,
+        )
+
+    def __call__(self, batch: dict) -> torch.Tensor:
+        if self.runner is None:
+            self._build(batch)
+        metrics = self.runner.step({**batch, **self.stored})
+        losses = [float(metrics[name]) for name in ("loss", "loss_logit")]
+        return torch.tensor(losses, dtype=torch.float64) / self.expected
+
+
+def offline_case(device: str, size: str) -> Case:
+    """A ``logit`` stage from an offline teacher (k = ``OFFLINE_K``) against the same stage with the
+    live teacher, each as its loss over its eager formula's."""
+    dims = RUNNER_SIZES[device][size]
+    stages = (("logit",),)
+    live = PlainRatio(ConfigurationStep("fastkd", stages, dims, device), ConfigurationStep("plain", stages, dims, device))
+    return Case(
+        op="runner_offline",
+        shape=f"logit stage, live vs offline k={OFFLINE_K}: {_models_label(dims)}",
+        dtype=dims[-1],
+        device=device,
+        size=size,
+        make_inputs=lambda: _inputs(dims, device),
+        impls={"live": live, "offline": OfflineStep(dims, device)},
+        bytes=0,
+        flops=_flops(stages, dims),
+        configs={
+            "live": "StageRunner(student, teacher), one stage {'logit': 1.0} (fused_linear_kl); returns its loss over "
+                    "the plain way's (run once, at the first call): 1.0 where they agree",
+            "offline": f"StageRunner(student, None), batches carrying the teacher's top-{OFFLINE_K} (int32 ids, fp16 "
+                       "log-probabilities; fused_linear_sparse_kl), no teacher model; returns its loss over DistillKit's "
+                       "eager formula on the student's logits: 1.0 where they agree",
+        },
+        reference="live",
+        backward=False,
+        tolerance=1e-3,
+    )
+
+
+# --------------------------------------------------------------------------------------------
 # Long sequences (module docstring): size -> dims as in RUNNER_SIZES; LONGEST: the opt-in L=4096.
 
 LONG_SIZES = {
@@ -255,3 +341,4 @@ def long_cases() -> list[Case]:
 
 
 CASES = [runner_case(p, d, s) for d in RUNNER_SIZES for s in RUNNER_SIZES[d] for p in PRESETS] + long_cases()
+CASES += [offline_case(d, s) for d in RUNNER_SIZES for s in RUNNER_SIZES[d]]
