@@ -28,7 +28,7 @@ import torch
 
 from fastkd.backends import qk_chunks
 
-SOURCES = ("hidden.cpp", "attention.cpp", "logit.cpp", "gradients.cpp")
+SOURCES = ("hidden.cpp", "attention.cpp", "logit.cpp", "sparse.cpp", "gradients.cpp")
 HEADERS = ("rows.h",)
 
 # Compiler flags per ATen CPU capability: the same instruction sets as ATen's own kernels.
@@ -182,6 +182,30 @@ def logit_forward_with_grad(
     return _ops().logit_forward_with_grad(
         student, teacher, mask, float(temperature), divergence, float(beta), labels, grad_rows,
         grad_ce_rows,
+    )
+
+
+def sparse_forward(student, ids, logprobs, mask, temperature, tail):
+    """rows = the divergence of q = softmax(s / T) from the stored top-k teacher (ids, logprobs;
+    tail "renormalize" or "bucket") per row, stats = float64 [lse(s / T), lse_t] (fastkd.backends):
+    one sweep over the row for lse(s / T), then the k stored entries."""
+    return _ops().sparse_forward(student, ids, logprobs, mask, float(temperature), tail)
+
+
+def sparse_backward(student, ids, logprobs, mask, temperature, tail, stats, grad_rows):
+    """grad_rows * (a q + scatter_j b_j) from the inputs and stats (fastkd.backends), one sweep
+    over the row; 0 on rows that contribute nothing."""
+    return _ops().sparse_backward(
+        student, ids, logprobs, mask, float(temperature), tail, stats, grad_rows
+    )
+
+
+def sparse_forward_with_grad(student, ids, logprobs, mask, temperature, tail, grad_rows):
+    """(rows, grad) of sparse_forward and sparse_backward in one read of the student: the sweep
+    for lse(s / T), then one over the row still in cache writing grad_rows a q, and
+    grad_rows (a q + b_j) at the stored ids; 0 on rows that contribute nothing."""
+    return _ops().sparse_forward_with_grad(
+        student, ids, logprobs, mask, float(temperature), tail, grad_rows
     )
 
 
