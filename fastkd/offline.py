@@ -55,6 +55,8 @@ import warnings
 import numpy as np
 import torch
 
+from fastkd._files import fsync_directory
+
 FORMAT = "fastkd-teacher-topk"
 VERSION = 1
 MANIFEST = "manifest.json"
@@ -130,16 +132,6 @@ def _sha256(path: str) -> str:
     return digest.hexdigest()
 
 
-def _fsync_directory(directory: str) -> None:
-    if not hasattr(os, "O_DIRECTORY"):  # directories cannot be opened for fsync on Windows
-        return
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _replace_durably(tmp: str, path: str) -> None:
     """``fsync`` the written file ``tmp``, rename it over ``path`` and ``fsync`` the directory."""
     fd = os.open(tmp, os.O_RDONLY)
@@ -148,7 +140,7 @@ def _replace_durably(tmp: str, path: str) -> None:
     finally:
         os.close(fd)
     os.replace(tmp, path)
-    _fsync_directory(os.path.dirname(os.path.abspath(path)))
+    fsync_directory(os.path.dirname(os.path.abspath(path)))
 
 
 def _write_manifest(directory: str, manifest: dict) -> None:

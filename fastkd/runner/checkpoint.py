@@ -24,6 +24,8 @@ import random
 import numpy as np
 import torch
 
+from fastkd._files import fsync_directory
+
 FORMAT = 1
 
 
@@ -59,16 +61,6 @@ def _set_rng_state(state: dict[str, object]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _fsync_directory(directory: str) -> None:
-    if not hasattr(os, "O_DIRECTORY"):  # directories cannot be opened for fsync on Windows
-        return
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def save(runner, path: str | os.PathLike) -> None:
     """Write ``runner``'s checkpoint to ``path``, durably (module docstring)."""
     state = {
@@ -96,7 +88,7 @@ def save(runner, path: str | os.PathLike) -> None:
             raise
         message = f"could not write the checkpoint {path} ({error}); the previous checkpoint, if any, is unchanged"
         raise (OSError(message) if error.errno is None else OSError(error.errno, message)) from error
-    _fsync_directory(os.path.dirname(os.path.abspath(path)))
+    fsync_directory(os.path.dirname(os.path.abspath(path)))
 
 
 def load(runner, path: str | os.PathLike) -> None:
