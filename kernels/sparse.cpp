@@ -280,23 +280,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_pass(
       // forward_with_grad keeps the student's exps: in the gradient row when it has acc_t's type,
       // else in a row of scratch (in cache for the gradient sweep)
       const bool keep_exps = grad_base != nullptr && !backward;
-      constexpr bool kExpsInGrad = std::is_same_v<s_t, acc_t>;
-      std::vector<acc_t> scratch(keep_exps && !kExpsInGrad ? cols : 0);
+      std::vector<acc_t> scratch(keep_exps && !std::is_same_v<s_t, acc_t> ? cols : 0);
       std::vector<acc_t> shifts(keep_exps ? (cols + kBlock - 1) / kBlock : 0);
       for (int64_t r = begin; r < end; ++r) {
         const s_t* s_row = s_rows.row(s_base, r);
         const int64_t* row_ids = id_base + r * k;
         const acc_t* row_l = l_base + r * k;
         s_t* grad_row = grad_base == nullptr ? nullptr : grad_base + r * cols;
-        acc_t* exps = nullptr;
-        if (keep_exps) {
-          if constexpr (kExpsInGrad) {
-            // the same type here (not a template: both branches compile, the cast is the identity)
-            exps = reinterpret_cast<acc_t*>(grad_row);
-          } else {
-            exps = scratch.data();
-          }
-        }
+        acc_t* exps = keep_exps ? out_block<acc_t>(grad_row, scratch.data()) : nullptr;
         double lse_s = kNoEntries, lse_t = kNoEntries;
         StudentSums<acc_t> sums{};
         if (valid == nullptr || valid[r] != 0) {
