@@ -32,9 +32,23 @@ def check_reduction(reduction: object) -> str:
     return check_choice("reduction", reduction, REDUCTIONS)
 
 
+def is_dtensor(x: object) -> bool:
+    """Whether ``x`` is a ``torch.distributed.tensor.DTensor`` (``fastkd.distributed`` takes those)."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # a torch built without torch.distributed
+        return False
+    return isinstance(x, DTensor)
+
+
 def check_float_tensor(name: str, x: object) -> torch.Tensor:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
+    if is_dtensor(x):
+        raise TypeError(
+            f"{name}: a DTensor; fastkd takes DTensors only as logit_kl's logits and as the head weights and "
+            "biases of fused_linear_kl and fused_linear_sparse_kl (give this one as a plain, local tensor)"
+        )
     if not x.is_floating_point():
         raise TypeError(f"{name}: expected a floating-point tensor (float32, bfloat16, float16, float64), got {x.dtype}")
     return x

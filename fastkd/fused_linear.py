@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastkd import _backend
+from fastkd.distributed import check_same_mesh, full_head
 from fastkd._layout import acc_dtype
 from fastkd._validation import (
     check_ce_weight,
@@ -357,6 +358,9 @@ def fused_linear_kl(
     tensors get none (they are constants). The loss is float32 (float64 for float64 inputs); no step
     synchronises with the host.
     """
+    check_same_mesh("teacher_weight", teacher_weight, "student_weight", student_weight)
+    student_weight, student_bias = full_head("student", student_weight, student_bias)
+    teacher_weight, teacher_bias = full_head("teacher", teacher_weight, teacher_bias)
     check_linear("student", student_hidden, student_weight, student_bias)
     check_linear("teacher", teacher_hidden, teacher_weight, teacher_bias)
     vocab_size = check_vocab(vocab, student_weight.shape[0], teacher_weight.shape[0], ("student_weight", "teacher_weight"))

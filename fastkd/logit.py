@@ -19,6 +19,7 @@ from fastkd._layout import acc_dtype, rows_view
 from fastkd._reduction import reduce_rows, row_weights
 from fastkd._validation import (
     IGNORE_INDEX,
+    is_dtensor,
     check_ce_weight,
     check_divergence,
     check_float_tensor,
@@ -260,6 +261,51 @@ def logit_kl(
     The gradient flows to the student only; the teacher gets none. The loss is float32 (float64 for
     float64 inputs) whatever the input dtypes; the gradient has the student's dtype.
     """
+    if is_dtensor(student_logits) or is_dtensor(teacher_logits):
+        from fastkd.distributed import logit_kl_dtensor  # it uses this module's functions
+
+        parts = logit_kl_dtensor(student_logits, teacher_logits, mask, labels, dict(
+            temperature=temperature, reduction=reduction, divergence=divergence, beta=beta, ce_weight=ce_weight,
+            vocab=vocab,
+        ))
+    else:
+        checked = check_logit_inputs(
+            student_logits, teacher_logits, temperature=temperature, mask=mask, reduction=reduction,
+            divergence=divergence, beta=beta, labels=labels, ce_weight=ce_weight, vocab=vocab,
+        )
+        parts = logit_loss(*checked.tensors, **checked.keywords)
+    return parts if return_parts else parts.loss
+
+
+class LogitInputs(NamedTuple):
+    """``logit_kl``'s arguments, checked: the tensors and keywords of :func:`logit_loss`."""
+
+    student: torch.Tensor
+    teacher: torch.Tensor
+    mask_rows: torch.Tensor | None
+    labels: torch.Tensor | None
+    temperature: float
+    divergence: str
+    beta: float
+    reduction: str
+    ce_weight: float | torch.Tensor
+
+    @property
+    def tensors(self) -> tuple:
+        return self.student, self.teacher, self.mask_rows, self.labels
+
+    @property
+    def keywords(self) -> dict:
+        return dict(
+            temperature=self.temperature, divergence=self.divergence, beta=self.beta, reduction=self.reduction,
+            ce_weight=self.ce_weight, backend=_backend.resolve(self.student.device),
+        )
+
+
+def check_logit_inputs(student_logits, teacher_logits, *, temperature, mask, reduction, divergence, beta, labels,
+                       ce_weight, vocab) -> LogitInputs:
+    """``logit_kl``'s checks (a ValueError or TypeError naming the argument); the checked inputs,
+    the logits cut to ``vocab``'s common vocabulary, ``mask`` and ``labels`` flat."""
     names = ("student_logits", "teacher_logits")
     check_float_tensor(names[0], student_logits)
     check_float_tensor(names[1], teacher_logits)
@@ -275,9 +321,7 @@ def logit_kl(
     mask_rows = check_mask(mask, leading, student_logits.device, what)
     labels = check_labels(labels, leading, student_logits.device, student_logits.shape[-1], what)
     ce_weight = check_ce_weight(ce_weight, labels)
-    parts = logit_loss(
-        student_logits, teacher_logits, None if mask_rows is None else mask_rows.view(-1), labels,
-        temperature=temperature, divergence=divergence, beta=beta, reduction=reduction, ce_weight=ce_weight,
-        backend=_backend.resolve(student_logits.device),
+    return LogitInputs(
+        student_logits, teacher_logits, None if mask_rows is None else mask_rows.view(-1), labels, temperature,
+        divergence, beta, reduction, ce_weight,
     )
-    return parts if return_parts else parts.loss

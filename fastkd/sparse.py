@@ -21,6 +21,7 @@ import math
 import torch
 
 from fastkd import _backend, _one_pass
+from fastkd.distributed import full_head
 from fastkd._layout import acc_dtype, rows_view
 from fastkd._reduction import row_weights
 from fastkd._validation import (
@@ -358,6 +359,7 @@ def fused_linear_sparse_kl(
     ``ce_weight``, ``return_parts`` as for ``fused_linear_kl``. Gradients flow to the hidden, the
     weight and the bias; nothing synchronises with the host.
     """
+    student_weight, student_bias = full_head("student", student_weight, student_bias)
     check_linear("student", student_hidden, student_weight, student_bias)
     temperature = check_temperature(temperature)
     tail = check_tail(tail, temperature)

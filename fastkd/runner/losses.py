@@ -55,6 +55,7 @@ import torch.nn.functional as F
 import fastkd
 from fastkd import _backend
 from fastkd._layout import acc_dtype
+from fastkd.distributed import full_head
 from fastkd._validation import IGNORE_INDEX, check_labels, check_mask, check_sparse_teacher
 from fastkd.fused_linear import default_chunk_size, fused_linear_loss, head_rows
 from fastkd.masks import logit_labels, logit_mask
@@ -258,6 +259,12 @@ def _row_labels(ctx: LossContext, vocab: int) -> torch.Tensor:
     return check_labels(targets, targets.shape, targets.device, vocab, "the logit rows [B, L]")
 
 
+def _lm_head(model: ModelAdapter, role: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The model's LM-head weight and bias, whole: a DTensor (an FSDP2-sharded head) is gathered
+    for the step, its gradient reduce-scattered (``fastkd.distributed.full_weight``)."""
+    return full_head(role, *model.lm_head())
+
+
 def logit_loss(ctx: LossContext) -> WeightedLosses:
     """``w_logit * KD`` (plus ``w_ce * CE`` when the stage has ``"ce"``) from one
     ``fused_linear_loss`` pass over the first ``V`` rows of both heads (``V`` as ``runner.vocab``
@@ -266,7 +273,7 @@ def logit_loss(ctx: LossContext) -> WeightedLosses:
     runner = ctx.runner
     if runner.teacher is None:
         return _offline_logit_loss(ctx)
-    student_head, teacher_head = runner.student.lm_head(), runner.teacher.lm_head()
+    student_head, teacher_head = _lm_head(runner.student, "student"), _lm_head(runner.teacher, "teacher")
     vocab = min(student_head[0].shape[0], teacher_head[0].shape[0])  # runner.vocab was checked at construction
     student_weight, student_bias = head_rows(*student_head, vocab)
     teacher_weight, teacher_bias = head_rows(*teacher_head, vocab)
@@ -292,7 +299,7 @@ def _offline_logit_loss(ctx: LossContext) -> WeightedLosses:
     student's head on the batch's ``teacher_ids``/``teacher_logprobs`` ``[B, L, k]`` (the
     teacher's distribution at each position, aligned with the logit rows), ``runner.tail``."""
     runner = ctx.runner
-    weight, bias = runner.student.lm_head()
+    weight, bias = _lm_head(runner.student, "student")
     student_hidden = ctx.student.head_input.flatten(0, -2)
     rows = ctx.logit_rows()
     ids, logprobs = check_sparse_teacher(
@@ -315,7 +322,7 @@ def _offline_logit_loss(ctx: LossContext) -> WeightedLosses:
 def cross_entropy_loss(ctx: LossContext) -> torch.Tensor:
     """``CE``, the student's hard-label cross-entropy over the rows with a target (module docstring),
     by ``F.cross_entropy`` on its whole logits."""
-    weight, bias = ctx.runner.student.lm_head()
+    weight, bias = _lm_head(ctx.runner.student, "student")
     scale, softcap = ctx.runner.head_transforms["student"]
     logits = F.linear(ctx.student.head_input, weight, bias).flatten(0, -2).float()
     if scale != 1.0:
