@@ -384,10 +384,30 @@ def config_head_transform(config) -> tuple[float, float | None]:
     return scale, values.get(SOFTCAP_FIELD)
 
 
+def _keep_output_capture(model: nn.Module) -> None:
+    """Let ``output_hidden_states`` work on a model whose classes were swapped after it was built.
+
+    transformers records hidden states with hooks looked up by the model's class (name), registered
+    when the model is built; FSDP2's ``fully_shard`` swaps each sharded module's class for a
+    subclass, which has no entry, so the hidden states would silently be None. Each submodel's
+    entry is registered again under its class now.
+    """
+    try:
+        from transformers.utils.output_capturing import _CAN_RECORD_REGISTRY
+    except ImportError:  # a transformers without class-keyed output capture
+        return
+    from transformers import PreTrainedModel
+
+    for module in model.modules():
+        if isinstance(module, PreTrainedModel) and not _CAN_RECORD_REGISTRY.get(module):
+            _CAN_RECORD_REGISTRY[module] = module._can_record_outputs
+
+
 class TransformersAdapter(ModelAdapter):
     """A transformers model (causal LM such as Llama, Qwen2, GPT-2; encoder such as BERT)."""
 
     def __init__(self, model: nn.Module) -> None:
+        _keep_output_capture(model)
         config = model.config
         self.module = model
         self.num_layers = config.num_hidden_layers

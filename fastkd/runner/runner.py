@@ -72,8 +72,10 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from fastkd import _one_pass
+from fastkd._validation import is_dtensor
 from fastkd._validation import VOCABS, check_choice, check_divergence, check_tail, check_temperature, check_vocab
 from fastkd.fused_linear import check_head
 from fastkd.offline import OfflineTeacher
@@ -90,7 +92,8 @@ from fastkd.runner.losses import (
 )
 from fastkd.runner.measure import StepMeter
 from fastkd.runner.metrics import FiniteWatch, Metrics, NonFiniteLossError
-from fastkd.runner.models import ModelAdapter, TransformersAdapter, as_adapter
+from fastkd.runner.models import Features, ModelAdapter, TransformersAdapter, as_adapter
+from fastkd.runner.parallel import check_fsdp, forward_through, fully_shard, rank, unwrap
 from fastkd.runner.schedule import Schedule, Stage
 
 # what a loss's need asks of the teacher, for the offline teacher's refusal
@@ -122,6 +125,13 @@ class Request:
         if fields["attention_inputs"] is None:
             del fields["attention_inputs"]
         return fields
+
+
+class Projections(nn.ModuleList):
+    """The runner's hidden-state projections ``P_k``; called on the student's hidden states, in order."""
+
+    def forward(self, hidden: list[torch.Tensor]) -> list[torch.Tensor]:
+        return [projection(h) for projection, h in zip(self, hidden)]
 
 
 class StageRunner:
@@ -163,7 +173,7 @@ class StageRunner:
             distinct ``"q"``, ``"k"``, ``"v"`` (default all three), for ``attention="relations"``.
         cuda_graphs: ``"auto"`` (on CUDA: capture each stage's step, see :mod:`fastkd.runner.graphs`),
             ``True`` (the same, but an error off CUDA) or ``False`` (eager).
-        checkpoint_dir: when given, ``latest.pt`` there is written at the end of every stage and,
+        checkpoint_dir: when given, ``latest.pt`` there (``latest.dcp``, a directory, for an FSDP2 student) is written at the end of every stage and,
             with ``checkpoint_every``, every that many steps.
         lr_scheduler: stepped after every optimizer step: a function ``optimizer -> scheduler``,
             called once the runner has added its projections' parameter group (so that the group
@@ -206,8 +216,8 @@ class StageRunner:
     ) -> None:
         if not isinstance(schedule, Schedule):
             raise TypeError(f"schedule: expected a fastkd.Schedule, got {type(schedule).__name__}")
-        if not isinstance(optimizer, torch.optim.Optimizer):
-            raise TypeError(f"optimizer: expected a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"optimizer: expected a torch.optim.Optimizer or None, got {type(optimizer).__name__}")
         check_choice("cuda_graphs", cuda_graphs, ("auto", True, False))
         for name, value in (("checkpoint_every", checkpoint_every), ("pad_to", pad_to)):
             if value is not None and (not isinstance(value, int) or value <= 0):
@@ -221,7 +231,13 @@ class StageRunner:
         attention, relation_heads, relation_projections = _check_attention_options(
             attention, relation_heads, relation_projections
         )
-        self.student = as_adapter(student, "student")
+        # A DDP student runs its side of each step as the DDP module's forward (self.wrapper);
+        # an FSDP2 one is used as it is (fastkd.runner.parallel).
+        inner, self.parallel = unwrap(student)
+        self.wrapper = student if self.parallel == "ddp" else None
+        if self.parallel == "fsdp" and not isinstance(inner, ModelAdapter):
+            check_fsdp(inner)
+        self.student = as_adapter(inner, "student")
         # An offline teacher: the OfflineTeacher given (or None): self.teacher is then None.
         self.offline = teacher is None or isinstance(teacher, OfflineTeacher)
         self.offline_teacher = teacher if isinstance(teacher, OfflineTeacher) else None
@@ -243,7 +259,7 @@ class StageRunner:
         self.checkpoint_every = checkpoint_every
         self.pad_to = pad_to
         self.graph_warmup = graph_warmup
-        self.quiet = quiet
+        self.quiet = quiet or rank() != 0  # the progress bar of rank 0 only
         self.log_every = log_every
         self.measure = measure
 
@@ -265,13 +281,25 @@ class StageRunner:
         # role -> (logit_scale, softcap) of each model whose LM head a loss needs
         self.head_transforms = self._check_heads(needed_by)
         project = "hidden" in needed_by and self.student.hidden_size != self.teacher.hidden_size
-        _check_scheduler(lr_scheduler, len(optimizer.param_groups), project)
-        self.projections = nn.ModuleList()
+        if optimizer is None and lr_scheduler is not None:
+            raise ValueError("lr_scheduler: the runner steps no optimizer (optimizer=None), so it takes no scheduler")
+        if optimizer is not None:
+            _check_scheduler(lr_scheduler, len(optimizer.param_groups), project)
+        self.projections = Projections()
         if project:
             self.projections.extend(
                 nn.Linear(self.student.hidden_size, self.teacher.hidden_size, device=self.device, dtype=parameter.dtype)
                 for _ in self.layer_map.hidden
             )
+        # how the step calls the projections: through their own DDP module beside a DDP student
+        self._project = self.projections
+        if project and self.parallel == "ddp":
+            self._project = DistributedDataParallel(self.projections, device_ids=self.wrapper.device_ids)
+        elif project and self.parallel == "fsdp":
+            mesh = next(p.device_mesh for p in self.student.module.parameters() if is_dtensor(p))
+            for projection in self.projections:
+                fully_shard(projection, mesh=mesh)
+        if project and optimizer is not None:
             optimizer.add_param_group({"params": list(self.projections.parameters())})
         self.lr_scheduler = lr_scheduler(optimizer) if callable(lr_scheduler) else lr_scheduler
         if self.lr_scheduler is not None and not hasattr(self.lr_scheduler, "step"):
@@ -281,10 +309,16 @@ class StageRunner:
 
         # Why steps run eagerly; None when each stage's step is captured in a CUDA graph.
         self.graph_reason: str | None
+        if cuda_graphs is True and (self.parallel is not None or optimizer is None):
+            raise ValueError("cuda_graphs: True needs a student on one device and an optimizer the runner steps")
         if cuda_graphs is True and self.device.type != "cuda":
             raise ValueError(f"cuda_graphs: True needs the student on CUDA, it is on {self.device}")
         if cuda_graphs is False:
             self.graph_reason = "cuda_graphs=False"
+        elif optimizer is None:
+            self.graph_reason = "the runner steps no optimizer (optimizer=None)"
+        elif self.parallel is not None:
+            self.graph_reason = f"the student is {self.parallel.upper()}-wrapped"
         elif self.device.type != "cuda":
             self.graph_reason = f"the student is on {self.device.type}"
         else:
@@ -484,16 +518,22 @@ class StageRunner:
         function called in the stage's order (:mod:`fastkd.runner.losses`), under
         ``expected_upstream(w_name)``; ``total = sum(w * L)`` with the weights read from
         ``self._weights``, a :class:`WeightedLosses` result's ``total`` as it is."""
-        stage = self.schedule[self._stage_index]
-        student_request, teacher_request = self._requests
         t = None
-        if not teacher_request.empty:
+        if not self._requests[1].empty:
             with torch.no_grad():
-                t = self.teacher.features(batch, **teacher_request.kwargs())
+                t = self.teacher.features(batch, **self._requests[1].kwargs())
+        if self.wrapper is not None:
+            return forward_through(self.wrapper, self._student_losses, batch, t)
+        return self._student_losses(batch, t)
+
+    def _student_losses(self, batch: Mapping[str, torch.Tensor], t: Features | None) -> torch.Tensor:
+        """:meth:`_losses` given the teacher's features ``t``: the student's side of the step."""
+        stage = self.schedule[self._stage_index]
+        student_request = self._requests[0]
         s = None if student_request.empty else self.student.features(batch, **student_request.kwargs())
         student_hidden = [] if s is None else s.hidden
         if self.projections and student_hidden:
-            student_hidden = [p(h) for p, h in zip(self.projections, student_hidden)]
+            student_hidden = self._project(student_hidden)
         weights = {name: self._weights[self._index[name]] for name in stage.losses}
         ctx = LossContext(self, stage, batch, s, t, student_hidden, [] if t is None else t.hidden, weights)
         values: dict[str, torch.Tensor] = {}
@@ -551,6 +591,22 @@ class StageRunner:
             )
         return prepared
 
+    def stage_losses(self, batch: Mapping[str, torch.Tensor], step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The losses of global step ``step`` on ``batch``, for a caller that does the backward pass
+        and the optimizer step itself (``fastkd.integrations.transformers.DistillationTrainer``):
+        ``(total, {name: L_name})``, ``total = sum(w * L)`` with its graph, the values detached. The
+        stage of ``step`` is entered (models' modes set) as :meth:`step` enters it."""
+        if not isinstance(step, int) or not 0 <= step < self.schedule.total_steps:
+            raise ValueError(f"step: expected an int in 0..{self.schedule.total_steps - 1}, got {step!r}")
+        index, step_in_stage = self.schedule.locate(step)
+        if index != self._stage_index:
+            self._enter_stage(index)
+        self._set_modes()
+        stage = self.schedule[index]
+        self._fill_weights(stage, step_in_stage)
+        values = self._losses(self._prepare_batch(batch))
+        return values[0], dict(zip(stage.losses, values[1:].detach()))
+
     def step(self, batch: Mapping[str, torch.Tensor]) -> Metrics:
         """Run one optimizer step of the current stage on ``batch``; its metrics, without waiting for it.
 
@@ -560,6 +616,8 @@ class StageRunner:
         ``measure=True`` also ``time_ms`` and ``peak_mem_mb`` (peak memory of the step above what
         was held when it began, see :mod:`fastkd.runner.measure`).
         """
+        if self.optimizer is None:
+            raise RuntimeError("step: the runner was built with optimizer=None (stage_losses computes the losses)")
         if self.finished:
             raise RuntimeError(f"the schedule has ended after {self.schedule.total_steps} steps")
         index, step_in_stage = self.schedule.locate(self.step_index)
@@ -640,7 +698,7 @@ class StageRunner:
         periodic = self.checkpoint_every is not None and self.step_index % self.checkpoint_every == 0
         if stage_end or periodic:
             os.makedirs(self.checkpoint_dir, exist_ok=True)
-            self.save(os.path.join(self.checkpoint_dir, "latest.pt"))
+            self.save(os.path.join(self.checkpoint_dir, "latest.dcp" if self.parallel == "fsdp" else "latest.pt"))
 
 
 def _check_attention_options(
