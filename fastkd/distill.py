@@ -50,6 +50,7 @@ import torch
 
 from fastkd.runner import Schedule, Stage, StageRunner
 from fastkd.runner.measure import fix_mmap_threshold
+from fastkd.runner.parallel import init_from_environment
 from fastkd.runner.plain import PlainRunner
 from fastkd.runner.schedule import PRESETS
 
@@ -79,14 +80,17 @@ def word_ids(text: str, vocabulary: int) -> list[int]:
     return [ids.setdefault(w, 1 + len(ids) % (vocabulary - 1)) for w in text.split()]
 
 
-def batches(tokens: list[int], batch_size: int, seq_len: int, steps: int, start: int = 0):
-    """The batches of steps ``start .. steps - 1``: ``[batch_size, seq_len]`` consecutive token blocks,
-    cycling through ``tokens`` (step ``k`` gets the same block whatever ``start`` is)."""
+def batches(tokens: list[int], batch_size: int, seq_len: int, steps: int, start: int = 0, rank: int = 0,
+            world: int = 1):
+    """The batches of steps ``start .. steps - 1`` of rank ``rank`` of ``world``: ``[batch_size,
+    seq_len]`` consecutive token blocks, cycling through ``tokens``, block ``step * world + rank`` at
+    a step (the same whatever ``start`` is)."""
     block = batch_size * seq_len
-    data = torch.tensor(tokens * math.ceil(block / max(len(tokens), 1)), dtype=torch.long)
+    data = torch.tensor(tokens * math.ceil(block * world / max(len(tokens), 1)), dtype=torch.long)
     count = len(data) // block
     for step in range(start, steps):
-        ids = data[(step % count) * block : (step % count + 1) * block].view(batch_size, seq_len)
+        index = (step * world + rank) % count
+        ids = data[index * block : (index + 1) * block].view(batch_size, seq_len)
         yield {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
 
@@ -146,13 +150,19 @@ def summarise(records: list[dict]) -> dict:
 def run_configuration(way, make_models, preset, steps, args, tokens, device, log) -> dict:
     student, teacher = make_models()
     optimizer = torch.optim.AdamW(student.parameters(), lr=args.lr)
+    rank, world = args.rank, args.world
+    trained = student
+    if world > 1:  # under torchrun: DDP, each rank its own batches (fastkd.runner.parallel)
+        from torch.nn.parallel import DistributedDataParallel
+
+        trained = DistributedDataParallel(student, find_unused_parameters=True)
     runner_class = PlainRunner if way == "plain" else StageRunner
     checkpoints = os.path.join(args.checkpoint_dir, preset) if args.checkpoint_dir and way == "fastkd" else None
     attention = {}
     if way == "fastkd":  # the plain way compares attention maps whatever --attention says
         attention = {"attention": args.attention, "relation_heads": args.relation_heads}
     runner = runner_class(
-        student, teacher, Schedule.preset(preset, steps), optimizer,
+        trained, teacher, Schedule.preset(preset, steps), optimizer,
         layer_map=args.layer_map, temperature=args.temperature, quiet=args.quiet, measure=True,
         checkpoint_dir=checkpoints, checkpoint_every=args.checkpoint_every if checkpoints else None, **attention,
     )
@@ -161,12 +171,12 @@ def run_configuration(way, make_models, preset, steps, args, tokens, device, log
         print(f"resuming {preset} from {checkpoints} at step {runner.step_index}", flush=True)
     total = runner.schedule.total_steps
     records = []
-    for metrics in runner.run(batches(tokens, args.batch_size, args.seq_len, total, start=runner.step_index)):
+    for metrics in runner.run(batches(tokens, args.batch_size, args.seq_len, total, runner.step_index, rank, world)):
         records.append(metrics)
-        if log is not None:
+        if log is not None and rank == 0:
             log.write(json.dumps({"preset": preset, "way": way, **metrics}) + "\n")
             log.flush()
-    if args.save and way == "fastkd":
+    if args.save and way == "fastkd" and rank == 0:
         out = os.path.join(args.save, preset)
         student.save_pretrained(out)
         torch.save(runner.projections.state_dict(), os.path.join(out, "projections.pt"))
@@ -209,6 +219,8 @@ def parse_args(argv):
     parser.add_argument("--checkpoint-every", type=int, metavar="N", help="also checkpoint every N steps")
     parser.add_argument("--log", help="append every step's metrics to this file as JSON lines")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--timeout", type=float, default=600.0, metavar="S",
+                        help="under torchrun: seconds a collective may wait for another rank before failing")
     args = parser.parse_args(argv)
     if args.offline is not None:
         if args.student is None or args.teacher is not None or args.preset:
@@ -289,6 +301,18 @@ def run_offline(args, device, log) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     fix_mmap_threshold()
+    args.rank, args.world = init_from_environment(args.device, args.timeout)
+    if args.world > 1:
+        if args.offline is not None:
+            raise SystemExit("fastkd distill: --offline runs on one process; under torchrun use the live teacher")
+        if args.device.startswith("cuda"):
+            args.device = f"cuda:{torch.cuda.current_device()}"
+        if not args.no_plain:
+            if args.rank == 0:
+                print(f"fastkd distill: {args.world} ranks (DDP); the plain way runs on one process, so it is skipped")
+            args.no_plain = True
+    if args.rank != 0:  # the tables and progress bars of rank 0 only
+        sys.stdout = open(os.devnull, "w")
     device = torch.device(args.device)
     if args.offline is not None:
         with open(args.log, "a") if args.log else contextlib.nullcontext() as log:
@@ -305,7 +329,8 @@ def main(argv: list[str] | None = None) -> int:
         load_config(args.student)  # a wrong path fails here, before any output
         vocab = load_config(args.teacher).vocab_size
     tokens = _tokens(args, vocab)
-    print(f"fastkd distill on {device}: batch {args.batch_size} x {args.seq_len}, T={args.temperature}")
+    ranks = f" x {args.world} ranks" if args.world > 1 else ""
+    print(f"fastkd distill on {device}: batch {args.batch_size} x {args.seq_len}{ranks}, T={args.temperature}")
     if args.attention == "relations" and not args.no_plain:
         print("the plain way is skipped: it compares attention maps, not relations")
     header = f"{'configuration':<13} {'way':<7} {'steps':>5} {'ms/step':>9} {'peak MB':>9} {'speed-up':>8} {'mem':>6}  losses (last step of each)"

@@ -127,3 +127,57 @@ def _all(rank, world, tmp):
 
 def test_runner_on_two_ranks(tmp_path):
     run_ranks(_all, str(tmp_path), timeout=400)
+
+
+def _torchrun(args, timeout=240):
+    import subprocess
+    import sys
+
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+
+
+def test_distill_under_torchrun(tmp_path):
+    """``fastkd distill`` under torchrun, as it is: DDP on 2 ranks, rank 0's table, a checkpoint."""
+    out = _torchrun(["-m", "fastkd", "distill", "--preset", "two-stage", "--steps", "2", "--seq-len", "16",
+                     "--batch-size", "2", "--quiet", "--checkpoint-dir", str(tmp_path)])
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.count("configuration") == 1, out.stdout  # one table: rank 0's
+    assert "x 2 ranks" in out.stdout
+    state = torch.load(tmp_path / "two-stage" / "latest.pt", weights_only=False)
+    assert state["step"] == 4 and len(state["rng"]) == 2
+
+
+FAILING_RANK = """
+import sys, torch
+from torch.nn.parallel import DistributedDataParallel
+sys.path.insert(0, {tests!r})
+from fastkd.runner import Schedule, StageRunner
+from fastkd.runner.parallel import init_from_environment
+from test_runner import llama, make_batch
+rank, world = init_from_environment("cpu", timeout_s=30)
+torch.manual_seed(0)
+teacher, student = llama(4, 32), llama(2, 16)
+student = DistributedDataParallel(student, find_unused_parameters=True)
+runner = StageRunner(student, teacher, Schedule.preset("one-stage", [50]), torch.optim.SGD(student.parameters(), lr=0.1),
+                     quiet=True)
+for step in range(50):
+    if rank == 1 and step == 2:
+        raise RuntimeError("rank 1 stops here")
+    runner.step(make_batch(seed=step + rank)).items()
+"""
+
+
+def test_failing_rank_stops_the_others(tmp_path):
+    """A rank that raises stops the run with its error (torchrun stops the other rank, whose
+    collectives would fail on their timeout anyway), in bounded time."""
+    import os
+    import time
+
+    script = tmp_path / "failing.py"
+    script.write_text(FAILING_RANK.format(tests=os.path.dirname(__file__)))
+    began = time.monotonic()
+    out = _torchrun([str(script)], timeout=120)
+    assert out.returncode != 0
+    assert "rank 1 stops here" in out.stderr + out.stdout
+    assert time.monotonic() - began < 120

@@ -78,6 +78,26 @@ def forward_through(wrapper: DistributedDataParallel, fn: Callable, *args):
         return wrapper(*args)
 
 
+def init_from_environment(device: str, timeout_s: float) -> tuple[int, int]:
+    """``(rank, world size)``; under ``torchrun`` (``WORLD_SIZE`` > 1 in the environment) the default
+    process group is initialised first: gloo on CPU, NCCL on CUDA (each rank on ``cuda:LOCAL_RANK``),
+    with ``timeout_s`` on every collective, so that a rank waiting on a failed one raises instead of
+    hanging (torchrun then stops the others)."""
+    import datetime
+    import os
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1 or dist.is_initialized():
+        return rank(), dist.get_world_size() if dist.is_initialized() else 1
+    backend = "nccl" if device.startswith("cuda") else "gloo"
+    if backend == "nccl":
+        import torch
+
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+    return dist.get_rank(), world
+
+
 def rank() -> int:
     """This process's rank (0 without a process group)."""
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
