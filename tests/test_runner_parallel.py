@@ -94,6 +94,9 @@ def _resume(rank, world, tmp):
         directory = f"{tmp}/{kind}"
         stopped = _runner(kind, "three-stage", mesh, checkpoint_dir=directory)
         stopped.step(_batch(rank, 0))  # the end of stage 1: a checkpoint
+        saved = _parameters(stopped)  # gathered on every rank
+        if kind == "fsdp" and rank == 0:
+            torch.save(saved, f"{tmp}/fsdp_saved.pt")
         resumed = _runner(kind, "three-stage", mesh)
         resumed.load(f"{directory}/latest.{'dcp' if kind == 'fsdp' else 'pt'}")
         assert resumed.step_index == 1 and resumed.stage.name == whole.schedule[1].name
@@ -125,8 +128,20 @@ def _all(rank, world, tmp):
         case(rank, world, tmp)
 
 
+def _resume_on_one_rank(rank, world, tmp):
+    """The 2 ranks' sharded checkpoint, loaded on 1 (DCP reshards it): the saved step and weights."""
+    runner = _runner("fsdp", "three-stage", init_device_mesh("cpu", (world,)))
+    runner.load(f"{tmp}/fsdp/latest.dcp")
+    assert runner.step_index == 1
+    want = torch.load(f"{tmp}/fsdp_saved.pt")
+    for name, value in _parameters(runner).items():
+        assert torch.equal(value, want[name]), f"{name} differs after loading on one rank"
+    runner.step(_batch(0, 1))
+
+
 def test_runner_on_two_ranks(tmp_path):
     run_ranks(_all, str(tmp_path), timeout=400)
+    run_ranks(_resume_on_one_rank, str(tmp_path), world=1, timeout=120)
 
 
 def _torchrun(args, timeout=240):

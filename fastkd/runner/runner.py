@@ -323,7 +323,7 @@ class StageRunner:
             self.graph_reason = f"the student is on {self.device.type}"
         else:
             self.graph_reason = make_capturable(optimizer, self.device)
-        if self.graph_reason is not None:
+        if self.graph_reason is not None and rank() == 0:  # logs of rank 0 only
             level = logging.WARNING if self.device.type == "cuda" and cuda_graphs is not False else logging.INFO
             log.log(level, "CUDA graphs off, steps run eagerly: %s", self.graph_reason)
 
