@@ -171,6 +171,28 @@ def _vocab_parallel(rank, world):
             assert allocations.largest < s.numel(), f"{what}: a tensor of {allocations.largest} elements"
 
 
+def _colwise_parallel_head(rank, world):
+    """A tensor-parallel LM head (ColwiseParallel, DTensor output): logit_kl on its logits, and the
+    head weight's gradient, as in one process."""
+    from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
+
+    mesh = init_device_mesh("cpu", (world,))
+    student, teacher = _heads()
+    h_s, h_t, labels, mask = _tokens(0)  # the same tokens on every rank of a tensor-parallel group
+    w = student.weight.detach().to(F64).requires_grad_()
+    s = h_s.to(F64) @ w.T + student.bias.detach().to(F64)
+    t = h_t.to(F64) @ teacher.weight.detach().to(F64).T + teacher.bias.detach().to(F64)
+    want = logit_loss(s, t, mask=mask, labels=labels, **HEAD_OPTIONS)
+    want.backward()
+    for head in (student, teacher):
+        parallelize_module(head, mesh, ColwiseParallel(use_local_output=False))
+    loss = fastkd.logit_kl(student(h_s), teacher(h_t).detach(), mask=mask, labels=labels, **HEAD_OPTIONS)
+    assert_close(loss.full_tensor(), want.detach(), RTOL, "the tensor-parallel head's loss")
+    loss.backward()
+    assert student.weight.grad.placements == (Shard(0),)
+    assert_close(student.weight.grad.full_tensor(), w.grad, RTOL, "the tensor-parallel head's weight gradient")
+
+
 def _batch_sharded_and_replicated(rank, world):
     mesh = init_device_mesh("cpu", (world,))
     s, t, labels, mask = _logits(11)
@@ -223,7 +245,8 @@ def _refused(rank, world):
 
 
 def _all_loss_cases(rank, world):
-    for case in (_fsdp_head, _fsdp_sparse_head, _vocab_parallel, _batch_sharded_and_replicated, _refused):
+    for case in (_fsdp_head, _fsdp_sparse_head, _vocab_parallel, _colwise_parallel_head, _batch_sharded_and_replicated,
+                 _refused):
         case(rank, world)
 
 

@@ -1,0 +1,1 @@
+"""fastkd inside other training frameworks: :mod:`fastkd.integrations.transformers` (the ``Trainer``)."""
