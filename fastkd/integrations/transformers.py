@@ -42,13 +42,14 @@ class DistillationTrainer(Trainer):
 
     Args:
         model: the student, a transformers model (causal LM or BERT) on the device ``Trainer`` uses.
-        teacher: the teacher, a transformers model; moved to the student's device. It runs in eval
-            mode without gradients and is not saved.
+        teacher: the teacher, a transformers model; moved to the student's device (unless loaded with
+            a ``device_map``). It runs in eval mode without gradients and is not saved.
         schedule: the :class:`fastkd.Schedule` whose stage of the global step gives the losses.
         layer_map, temperature, divergence, beta, vocab, attention: as
             :class:`~fastkd.runner.StageRunner` takes them.
         args: ``TrainingArguments``; ``max_steps`` unset (``-1``) becomes ``schedule.total_steps``,
-            another value than that is refused.
+            another value than that is refused, and so are ``bf16`` and ``fp16`` (accelerate's autocast
+            applies to the model's forward, which the stage losses do not call).
         **kwargs: ``Trainer``'s other arguments (``train_dataset``, ``data_collator``, ...), except
             ``compute_loss_func`` (the schedule gives the loss).
 
@@ -87,12 +88,18 @@ class DistillationTrainer(Trainer):
                 f"args.max_steps: {args.max_steps}, but the schedule has {schedule.total_steps} steps; leave "
                 "max_steps unset (-1) and it is set to the schedule's total steps"
             )
+        for flag in ("bf16", "fp16"):
+            if args is not None and getattr(args, flag):
+                raise ValueError(
+                    f"args.{flag}: accelerate's autocast wraps the model's forward, which the stage losses do not "
+                    "run through; load the student and the teacher in the dtype wanted instead"
+                )
         super().__init__(model=model, args=args, **kwargs)
         if self.args.max_steps <= 0:
             self.args.max_steps = schedule.total_steps
         # Trainer has put the student on its device; the runner's projections and weights go there too.
         device = next(self.model.parameters()).device
-        if next(teacher.parameters()).device != device:
+        if getattr(teacher, "hf_device_map", None) is None and next(teacher.parameters()).device != device:
             teacher.to(device)
         self.runner = StageRunner(
             self.model, teacher, schedule, None, layer_map=layer_map, temperature=temperature,
@@ -163,6 +170,11 @@ class DistillationTrainer(Trainer):
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
         super()._load_from_checkpoint(resume_from_checkpoint, model)
         self._load_projections(resume_from_checkpoint)
+
+    def _issue_warnings_after_load(self, load_result) -> None:
+        # The projections are not in the student's weights: they are restored from their own file.
+        missing = [key for key in load_result.missing_keys if not key.startswith(PROJECTIONS_NAME + ".")]
+        super()._issue_warnings_after_load(load_result._replace(missing_keys=missing))
 
     def _load_best_model(self) -> None:
         super()._load_best_model()

@@ -65,11 +65,16 @@ def shard_model(model: nn.Module, mesh=None, **options) -> nn.Module:
 
 @contextlib.contextmanager
 def _as_forward(module: nn.Module, fn: Callable) -> Iterator[None]:
+    """``module.forward`` is ``fn`` inside; an instance ``forward`` set before (a wrapper's) is put back."""
+    saved = module.__dict__.get("forward")
     module.forward = fn
     try:
         yield
     finally:
-        del module.forward
+        if saved is None:
+            del module.forward
+        else:
+            module.forward = saved
 
 
 def forward_through(wrapper: DistributedDataParallel, fn: Callable, *args):
