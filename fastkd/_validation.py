@@ -11,6 +11,11 @@ from typing import TypeVar
 
 import torch
 
+try:
+    from torch.distributed.tensor import DTensor
+except ImportError:  # a torch built without torch.distributed: there are no DTensors
+    DTensor = None
+
 REDUCTIONS = ("mean", "sum", "none")
 DIVERGENCES = ("forward", "reverse", "jsd", "tvd")
 VOCABS = ("exact", "common")
@@ -34,11 +39,7 @@ def check_reduction(reduction: object) -> str:
 
 def is_dtensor(x: object) -> bool:
     """Whether ``x`` is a ``torch.distributed.tensor.DTensor`` (``fastkd.distributed`` takes those)."""
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # a torch built without torch.distributed
-        return False
-    return isinstance(x, DTensor)
+    return DTensor is not None and isinstance(x, DTensor)
 
 
 def check_float_tensor(name: str, x: object) -> torch.Tensor:

@@ -116,10 +116,10 @@ class _VocabParallelRows(torch.autograd.Function):
         for start, cols, i in torch_ref._row_blocks(s_view):
             end = start + cols.stop - cols.start
             s_raw = s_view[i, cols].to(acc)
-            lses[0, start:end] = torch_ref._log_softmax(s_raw / temperature)[1]
-            lses[1, start:end] = torch_ref._log_softmax(t_view[i, cols].to(acc) / temperature)[1]
+            lses[0, start:end] = torch_ref._row_lse(s_raw / temperature)
+            lses[1, start:end] = torch_ref._row_lse(t_view[i, cols].to(acc) / temperature)
             if labels is not None:
-                lses[2, start:end] = torch_ref._log_softmax(s_raw)[1]
+                lses[2, start:end] = torch_ref._row_lse(s_raw)
         lses = _combined_lse(lses, group)
         # 2. the slices' sums of D and S, and s[label] where the label is in the slice, added over the ranks
         vocab_local = s_view.shape[-1]

@@ -17,7 +17,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastkd import _backend
-from fastkd.distributed import check_same_mesh, full_head
 from fastkd._layout import acc_dtype
 from fastkd._validation import (
     check_ce_weight,
@@ -28,6 +27,7 @@ from fastkd._validation import (
     check_temperature,
     check_vocab,
 )
+from fastkd.distributed import check_same_mesh, full_head
 from fastkd.logit import LogitParts, labelled_rows
 
 # Logit elements (rows x V) of one token chunk: 2^22 (16 MiB as float32) on CPU, where small

@@ -21,7 +21,6 @@ import math
 import torch
 
 from fastkd import _backend, _one_pass
-from fastkd.distributed import full_head
 from fastkd._layout import acc_dtype, rows_view
 from fastkd._reduction import row_weights
 from fastkd._validation import (
@@ -35,6 +34,7 @@ from fastkd._validation import (
     check_tail,
     check_temperature,
 )
+from fastkd.distributed import full_head
 from fastkd.fused_linear import (
     check_chunk_size,
     check_head,

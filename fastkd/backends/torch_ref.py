@@ -100,11 +100,21 @@ def _log_softmax(x: torch.Tensor, keep: torch.Tensor | None = None):
     """
     if keep is not None:
         x = torch.where(keep, x, -torch.inf)
+    peak, log_z = _peak_and_log_z(x)
+    return (x - peak) - log_z, peak.squeeze(-1).double() + log_z.squeeze(-1).double()
+
+
+def _peak_and_log_z(x: torch.Tensor):
+    """``(max, log(sum exp(x - max)))`` over the last dim, kept; the max is 0 where none is finite."""
     peak = x.amax(-1, keepdim=True)
     peak = torch.where(torch.isfinite(peak), peak, 0)
-    log_z = torch.log(torch.exp(x - peak).sum(-1, keepdim=True))
-    lse = peak.squeeze(-1).double() + log_z.squeeze(-1).double()
-    return (x - peak) - log_z, lse
+    return peak, torch.log(torch.exp(x - peak).sum(-1, keepdim=True))
+
+
+def _row_lse(x: torch.Tensor) -> torch.Tensor:
+    """The float64 lse of ``_log_softmax``, without the log softmax itself."""
+    peak, log_z = _peak_and_log_z(x)
+    return peak.squeeze(-1).double() + log_z.squeeze(-1).double()
 
 
 def _minus_lse(x: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:

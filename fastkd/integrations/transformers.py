@@ -32,6 +32,7 @@ from torch.nn.parallel import DistributedDataParallel
 from transformers import Trainer
 
 from fastkd.runner import Schedule, StageRunner
+from fastkd.runner.parallel import world_size
 
 PROJECTIONS_NAME = "fastkd_projections"  # the student's submodule holding the runner's projections
 PROJECTIONS_FILE = "fastkd_projections.safetensors"  # the projections' file in a saved directory
@@ -145,7 +146,7 @@ class DistillationTrainer(Trainer):
             sums = torch.stack([self._parts[name][0] for name in names])
             counts = torch.tensor([self._parts[name][1] for name in names], dtype=sums.dtype, device=sums.device)
             totals = torch.cat([sums, counts])
-            if dist.is_available() and dist.is_initialized() and self.args.world_size > 1:
+            if world_size() > 1:
                 dist.all_reduce(totals)
             means = (totals[: len(names)] / totals[len(names) :]).tolist()
             logs.update({f"loss_{name}": mean for name, mean in zip(names, means)})

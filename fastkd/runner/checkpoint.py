@@ -28,7 +28,6 @@ from __future__ import annotations
 import contextlib
 import os
 import random
-
 import shutil
 
 import numpy as np
@@ -37,7 +36,7 @@ import torch.distributed as dist
 from torch import nn
 
 from fastkd._files import fsync_directory
-from fastkd.runner.parallel import barrier, rank
+from fastkd.runner.parallel import barrier, rank, world_size
 
 FORMAT = 1
 
@@ -76,16 +75,15 @@ def _set_rng_state(state: dict[str, object]) -> None:
 
 def _rng_states() -> list[dict[str, object]]:
     """The RNG states of every rank, in rank order (one without a process group)."""
-    if not (dist.is_available() and dist.is_initialized()):
+    if world_size() == 1:
         return [_rng_state()]
-    states = [None] * dist.get_world_size()
+    states = [None] * world_size()
     dist.all_gather_object(states, _rng_state())
     return states
 
 
 def _own_rng_state(states: list[dict[str, object]]) -> dict[str, object] | None:
-    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-    return states[rank()] if len(states) == world else None
+    return states[rank()] if len(states) == world_size() else None
 
 
 def _trained(runner) -> nn.Module:

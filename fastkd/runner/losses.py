@@ -55,8 +55,8 @@ import torch.nn.functional as F
 import fastkd
 from fastkd import _backend
 from fastkd._layout import acc_dtype
-from fastkd.distributed import full_head
 from fastkd._validation import IGNORE_INDEX, check_labels, check_mask, check_sparse_teacher
+from fastkd.distributed import full_head
 from fastkd.fused_linear import default_chunk_size, fused_linear_loss, head_rows
 from fastkd.masks import logit_labels, logit_mask
 from fastkd.sparse import fused_linear_sparse_loss

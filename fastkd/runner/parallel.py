@@ -93,7 +93,7 @@ def init_from_environment(device: str, timeout_s: float) -> tuple[int, int]:
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1 or dist.is_initialized():
-        return rank(), dist.get_world_size() if dist.is_initialized() else 1
+        return rank(), world_size()
     backend = "nccl" if device.startswith("cuda") else "gloo"
     if backend == "nccl":
         import torch
@@ -108,6 +108,11 @@ def rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
+def world_size() -> int:
+    """The number of ranks (1 without a process group)."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
 def barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
+    if world_size() > 1:
         dist.barrier()

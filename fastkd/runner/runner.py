@@ -75,8 +75,15 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from fastkd import _one_pass
-from fastkd._validation import is_dtensor
-from fastkd._validation import VOCABS, check_choice, check_divergence, check_tail, check_temperature, check_vocab
+from fastkd._validation import (
+    VOCABS,
+    check_choice,
+    check_divergence,
+    check_tail,
+    check_temperature,
+    check_vocab,
+    is_dtensor,
+)
 from fastkd.fused_linear import check_head
 from fastkd.offline import OfflineTeacher
 from fastkd.runner import checkpoint
@@ -173,8 +180,9 @@ class StageRunner:
             distinct ``"q"``, ``"k"``, ``"v"`` (default all three), for ``attention="relations"``.
         cuda_graphs: ``"auto"`` (on CUDA: capture each stage's step, see :mod:`fastkd.runner.graphs`),
             ``True`` (the same, but an error off CUDA) or ``False`` (eager).
-        checkpoint_dir: when given, ``latest.pt`` there (``latest.dcp``, a directory, for an FSDP2 student) is written at the end of every stage and,
-            with ``checkpoint_every``, every that many steps.
+        checkpoint_dir: when given, ``latest.pt`` there (``latest.dcp``, a directory, for an FSDP2
+            student) is written at the end of every stage and, with ``checkpoint_every``, every that
+            many steps.
         lr_scheduler: stepped after every optimizer step: a function ``optimizer -> scheduler``,
             called once the runner has added its projections' parameter group (so that the group
             is scheduled like the others), or a scheduler built on ``optimizer`` beforehand, which
@@ -598,14 +606,20 @@ class StageRunner:
         stage of ``step`` is entered (models' modes set) as :meth:`step` enters it."""
         if not isinstance(step, int) or not 0 <= step < self.schedule.total_steps:
             raise ValueError(f"step: expected an int in 0..{self.schedule.total_steps - 1}, got {step!r}")
+        _, stage = self._begin(step)
+        values = self._losses(self._prepare_batch(batch))
+        return values[0], dict(zip(stage.losses, values[1:].detach()))
+
+    def _begin(self, step: int) -> tuple[int, Stage]:
+        """Get ready for global step ``step``: its stage entered, the models' modes and the step's
+        weights set; ``(the stage's index, the stage)``."""
         index, step_in_stage = self.schedule.locate(step)
         if index != self._stage_index:
             self._enter_stage(index)
         self._set_modes()
         stage = self.schedule[index]
         self._fill_weights(stage, step_in_stage)
-        values = self._losses(self._prepare_batch(batch))
-        return values[0], dict(zip(stage.losses, values[1:].detach()))
+        return index, stage
 
     def step(self, batch: Mapping[str, torch.Tensor]) -> Metrics:
         """Run one optimizer step of the current stage on ``batch``; its metrics, without waiting for it.
@@ -620,12 +634,7 @@ class StageRunner:
             raise RuntimeError("step: the runner was built with optimizer=None (stage_losses computes the losses)")
         if self.finished:
             raise RuntimeError(f"the schedule has ended after {self.schedule.total_steps} steps")
-        index, step_in_stage = self.schedule.locate(self.step_index)
-        if index != self._stage_index:
-            self._enter_stage(index)
-        self._set_modes()
-        stage = self.schedule[index]
-        self._fill_weights(stage, step_in_stage)
+        index, stage = self._begin(self.step_index)
         batch = self._prepare_batch(batch)
         if self.measure:
             self._meter.start()
