@@ -152,6 +152,39 @@ def test_cpu_peak_memory_counts_what_a_step_allocates():
     assert measured == pytest.approx(40.0, rel=0.05)
 
 
+_ALLOCATOR_POLICIES = """
+import torch
+from fastkd.runner.measure import fix_mmap_threshold, keep_freed_memory, proc_status_kb, reset_cpu_peak
+
+def resident_mb_after_freeing():
+    block = torch.ones(1 << 24)  # 64 MiB, every page touched
+    del block
+    return proc_status_kb("VmRSS") / 1024
+
+fix_mmap_threshold()
+before = proc_status_kb("VmRSS") / 1024
+print(resident_mb_after_freeing() - before)
+assert keep_freed_memory()
+print(resident_mb_after_freeing() - before)
+assert fix_mmap_threshold()
+reset_cpu_peak()  # malloc_trim: what the kept heap holds goes back, as before a measurement
+print(resident_mb_after_freeing() - before)
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux /proc")
+def test_keep_freed_memory_keeps_a_freed_block_and_fix_mmap_threshold_returns_it():
+    """In a process of its own (the policies are the process's): a freed 64 MiB block leaves the
+    resident set under the 1 MiB mmap threshold, stays in it under keep_freed_memory (so that the
+    next call reuses its pages), and leaves it again after fix_mmap_threshold and malloc_trim, what
+    the harness does between timing and measuring memory."""
+    done = subprocess.run([sys.executable, "-c", _ALLOCATOR_POLICIES], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    mapped, kept, mapped_again = (float(line) for line in done.stdout.split())
+    assert mapped < 8 and mapped_again < 8
+    assert kept > 56
+
+
 def test_distill_subcommand_passes_its_arguments(monkeypatch):
     seen = []
     fake = types.ModuleType("fastkd.distill")

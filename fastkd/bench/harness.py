@@ -6,12 +6,15 @@ What a row's numbers mean (``benchmarks/NOTES.md`` has the details):
 - ``time_ms``: median wall time of one forward + backward after warm-up. CUDA: the runs of
   ``triton.testing.do_bench`` (CUDA events when Triton is absent). CPU: ``perf_counter``
   over rounds that run every implementation once in turn, so that load from other processes falls
-  on all of them alike; the correctness check's call is the warm-up.
+  on all of them alike; the correctness check's call is the warm-up. Freed memory stays in the
+  process while the calls are timed (``keep_freed_memory``, as tcmalloc and jemalloc keep it), so
+  that a call reuses pages instead of faulting in fresh ones: the time is the work's.
 - ``peak_mem_mb``: memory in use (MiB) at the peak of one forward + backward, above what was in use
   before it (the inputs). CUDA: ``max_memory_allocated`` after ``reset_peak_memory_stats``. CPU:
   the process's peak resident set size (``VmHWM``, reset through ``/proc/self/clear_refs``) above
   its resident size before the call, with freed heap memory returned to the system first
-  (``malloc_trim``), so that reused pages count again.
+  (``malloc_trim``), so that reused pages count again, and blocks of 1 MiB or more mapped on
+  their own (``fix_mmap_threshold``), so that the resident set follows the tensors.
 - ``floor_ms``: ``bytes / bandwidth`` (and ``flops / matmul throughput`` when larger), both
   measured in the same run (the fastest of several calls); ``floor_frac = floor_ms / time_ms``.
 """
@@ -33,7 +36,13 @@ from typing import Any
 import torch
 
 from fastkd.bench.cases import Case
-from fastkd.runner.measure import StepMeter, proc_status_kb, reset_cpu_peak
+from fastkd.runner.measure import (
+    StepMeter,
+    fix_mmap_threshold,
+    keep_freed_memory,
+    proc_status_kb,
+    reset_cpu_peak,
+)
 
 MIN_RUNS = 3  # timed runs per implementation, at least (fewer only if ``reps`` asks for fewer)
 
@@ -372,7 +381,9 @@ def _run_case(case, machine, reps, budget_s, progress, label, failures) -> list[
     if case.device == "cuda":
         times = {name: time_cuda(step, reps) for name, step in steps.items()}
     else:
+        keep_freed_memory()  # calls reuse freed pages: the time of the work, not of fresh pages
         times = time_cpu(steps, reps, budget_s)
+        fix_mmap_threshold()  # large blocks freed at once: the resident set follows the tensors
     peaks = {name: peak_memory_mb(step, case.device) for name, step in steps.items()}
 
     floor_ms = case.bytes / (machine["copy_bandwidth_gbs"] * 1e9) * 1e3

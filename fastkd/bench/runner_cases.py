@@ -18,8 +18,7 @@ harness compares with the plain way's.
   its time with the others, and its memory only with that in mind.
 
 Models: Llama-style causal LMs (8 heads, MLP width 2.75x), teacher and student of the sizes below,
-``layer_map="uniform"``, temperature 2. CPU runs set glibc's mmap threshold to 1 MiB
-(:func:`fastkd.runner.measure.fix_mmap_threshold`) so that the resident set follows the tensors.
+``layer_map="uniform"``, temperature 2.
 
 Offline teachers, op ``runner_offline``: a ``logit`` stage from stored top-64 log-probabilities
 (``OfflineStep``: no teacher model in memory during the timed steps) against the same stage with
@@ -118,10 +117,6 @@ class ConfigurationStep:
 
 
 def _inputs(size: tuple, device: str):
-    from fastkd.runner.measure import fix_mmap_threshold
-
-    if device == "cpu":
-        fix_mmap_threshold()
     _, _, vocab, (batch, length), _ = size
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, vocab, (batch, length), generator=gen)

@@ -23,7 +23,12 @@ import time
 
 import torch
 
+_M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
+_M_MMAP_MAX = -4
+_GLIBC_MMAP_MAX = 65536  # glibc's default M_MMAP_MAX: blocks may have mappings of their own
+_GLIBC_TRIM_THRESHOLD = 128 * 1024  # glibc's default M_TRIM_THRESHOLD
+_NEVER_TRIM = (1 << 31) - 1  # the largest M_TRIM_THRESHOLD mallopt takes (an int)
 
 
 def _libc():
@@ -34,11 +39,29 @@ def _libc():
 _LIBC = _libc()
 
 
-def fix_mmap_threshold(nbytes: int = 1 << 20) -> bool:
-    """Allocate blocks of ``nbytes`` or more with their own mapping (glibc ``mallopt``); False if unavailable."""
+def _mallopt(*settings: tuple[int, int]) -> bool:
     if _LIBC is None or not hasattr(_LIBC, "mallopt"):
         return False
-    return bool(_LIBC.mallopt(_M_MMAP_THRESHOLD, nbytes))
+    return all(_LIBC.mallopt(param, value) == 1 for param, value in settings)
+
+
+def fix_mmap_threshold(nbytes: int = 1 << 20) -> bool:
+    """Allocate blocks of ``nbytes`` or more with their own mapping, freed to the system at once
+    (glibc ``mallopt``; this also undoes :func:`keep_freed_memory`, though what the heap kept
+    until then stays resident until ``malloc_trim``); False if unavailable."""
+    return _mallopt(
+        (_M_MMAP_MAX, _GLIBC_MMAP_MAX), (_M_TRIM_THRESHOLD, _GLIBC_TRIM_THRESHOLD), (_M_MMAP_THRESHOLD, nbytes)
+    )
+
+
+def keep_freed_memory() -> bool:
+    """Serve every block from the heap and keep what is freed there (glibc ``mallopt``: no
+    mappings of their own, no trimming), so that a call reuses the pages an earlier call freed
+    instead of mapping fresh ones, which the system must zero and fault in (a 262 MB gradient:
+    tens of milliseconds, and on a virtual machine sometimes hundreds). tcmalloc and jemalloc,
+    which PyTorch's CPU tuning guide recommends, keep freed memory in the same way. ``malloc_trim``
+    (:func:`reset_cpu_peak`) still returns it. False if unavailable."""
+    return _mallopt((_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, _NEVER_TRIM))
 
 
 def proc_status_kb(field: str) -> int | None:
