@@ -22,7 +22,8 @@
 // A row is read from memory once; the sweeps after the first read it from cache:
 //   1. SoftmaxKL: maxima and sums online, and the cross sum of forward (KL(p || q)) or reverse
 //      (E_q[x], so that KL(q || p) = E_q[x] / T - (lse_s - lse_t)); with a label at T != 1 also the
-//      sums of exp(s - max s) for lse(s) (at T = 1, lse(s) = lse_s). The exps are kept in a
+//      sums of exp(s - max s) for lse(s) (at T = 1, lse(s) = lse_s; at T = 2, 4, 8 squares of the
+//      student's exps at T, not exps of their own). The exps are kept in a
 //      SoftmaxKLScratch where a later sweep needs them.
 //   2. jsd, tvd: q, p from the kept exps (and log q, log p from s, t): D and S; for the gradient,
 //      q a takes the place of the teacher's exps. reverse: sum_v q_v (x_v - E_q[x]) from s, t,

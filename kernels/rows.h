@@ -354,7 +354,9 @@ enum class CrossSum {
 // KL(q || p) = scale mean_difference() - (lse_s - lse_t). An entry whose weight in cross is 0
 // contributes 0 to it; a block can mark an entry as excluded from both softmaxes by setting s and t
 // to -inf there. With raw_sums it also keeps max_raw = max s_raw and
-// sum_raw = sum exp(s_raw - max_raw): the student's softmax at scale 1.
+// sum_raw = sum exp(s_raw - max_raw): the student's softmax at scale 1. At scale 2^-j (T = 2, 4,
+// 8) those exps are the student's own raised to 2^j, exp(s - max_s)^(2^j) = exp(s_raw - 2^j max_s),
+// j squarings instead of a third exp per entry: then max_raw = 2^j max_s (exactly).
 template <typename acc_t>
 struct SoftmaxKL {
   using Vec = Vectorized<acc_t>;
@@ -401,6 +403,26 @@ struct SoftmaxKL {
   acc_t mean_difference() const { return cross / sum_s; }
 
  private:
+  // j where scale = 2^-j for j in 1..3, else 0.
+  static int squarings_of(acc_t scale) {
+    for (int j = 1; j <= 3; ++j) {
+      if (scale == acc_t(1) / static_cast<acc_t>(1 << j)) {
+        return j;
+      }
+    }
+    return 0;
+  }
+
+  // e^(2^j), with results below the smallest normal number taken as 0 (as vexp gives them).
+  static Vec squared(Vec e, int j) {
+    const Vec smallest(std::numeric_limits<acc_t>::min()), zero(0);
+    for (int i = 0; i < j; ++i) {
+      e = e * e;
+      e = Vec::blendv(e, zero, e < smallest);
+    }
+    return e;
+  }
+
   // add_block<kStoreExps, kCross, kRawSums> for this row's cross_sum and raw_sums.
   template <bool kStoreExps>
   void add_block(const acc_t* s_raw, const acc_t* t_raw, int64_t n, acc_t scale, acc_t* exps_s,
@@ -442,8 +464,10 @@ struct SoftmaxKL {
     const acc_t block_max_raw = reduce_max(block_max_s);
     max_s = std::max(max_s, block_max_raw * scale);
     max_t = std::max(max_t, reduce_max(block_max_t) * scale);
+    const int squarings = kRawSums ? squarings_of(scale) : 0;
     if constexpr (kRawSums) {
-      max_raw = std::max(max_raw, block_max_raw);
+      max_raw = squarings > 0 ? max_s * static_cast<acc_t>(1 << squarings)
+                              : std::max(max_raw, block_max_raw);
     }
     // exp(scale * x - shift) as one fused multiply-add.
     const Vec neg_shift_s(-shift_s()), neg_shift_t(-shift_t()), neg_shift_raw(-shift_raw());
@@ -464,7 +488,7 @@ struct SoftmaxKL {
         e_t.store(exps_t + pos, len);
       }
       if constexpr (kRawSums) {
-        const Vec e_raw = vexp(s + neg_shift_raw);
+        const Vec e_raw = squarings > 0 ? squared(e_s, squarings) : vexp(s + neg_shift_raw);
         block_sum_raw = block_sum_raw + e_raw;
         if (kStoreExps && exps_raw != nullptr) {
           e_raw.store(exps_raw + pos, len);

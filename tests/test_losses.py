@@ -300,12 +300,13 @@ def random_labels(shape, vocab, device, ignored=0.2):
     return labels.to(device)
 
 
-@pytest.mark.parametrize("temperature", [1.0, 2.0])
+@pytest.mark.parametrize("temperature", [1.0, 2.0, 3.0, 8.0])
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("mask", MASKS)
 def test_logit_kl_labels(device, mask, reduction, temperature, divergence):
     """``KD + ce_weight * CE`` with the hard-label cross-entropy at T = 1 from the same pass; some
-    labels -100, some rows masked."""
+    labels -100, some rows masked. T = 2 and 8 take the native kernel's squares of the student's
+    exps for the cross-entropy's softmax, T = 3 exps of their own."""
     shape = (3, 5, 1031)
     s, t = leaf(randn(shape, device, scale=3.0)), randn(shape, device, scale=3.0)
     m = make_mask(mask, shape[:-1], device)
@@ -315,7 +316,7 @@ def test_logit_kl_labels(device, mask, reduction, temperature, divergence):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("temperature", [0.05, 50.0])
+@pytest.mark.parametrize("temperature", [0.05, 4.0, 50.0])
 def test_logit_kl_labels_large_logits(device, dtype, temperature, divergence):
     """Logits in [-1e4, 1e4] with labels, at both ends of the temperature range; one teacher row
     without a finite logit (its cross-entropy still counts), one row without a label."""
