@@ -337,12 +337,15 @@ def test_a_window_seen_in_the_attention_call_is_refused(monkeypatch):
     runner = make_runner(mistral(1, 4), mistral(2, 4), ATT, attention="qk")
     with pytest.raises(ValueError, match="sliding window of 4 keys over 16.*attention='maps'"):
         runner.step(make_batch())
-    # A window as long as the sequence changes nothing: the loss is that of "maps".
+    # A window as long as the sequence changes nothing: the loss is that of "maps". The KL of these
+    # tiny models is about 2e-5, and the maps come from transformers' eager attention, whose softmax
+    # rounds to float32: roundings move that KL by up to about 2e-4 of itself (1.4e-4 measured with
+    # AVX2 kernels, 2e-5 with float64 models), a window applied wrongly by O(1).
     losses = {}
     for attention in ("qk", "maps"):
         torch.manual_seed(0)
         losses[attention] = make_runner(mistral(1, L), mistral(2, L), ATT, attention=attention).step(make_batch())
-    assert losses["qk"]["loss_att"] == pytest.approx(losses["maps"]["loss_att"], rel=1e-4)
+    assert losses["qk"]["loss_att"] == pytest.approx(losses["maps"]["loss_att"], rel=1e-3)
 
 
 @pytest.mark.parametrize(
